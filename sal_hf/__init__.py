@@ -1,0 +1,28 @@
+"""sal-hf: Selective Adaptive Learning (SAL) for Hugging Face models, without backpropagation."""
+
+from .areas import AreaLinear
+from .config import SALConfig
+from .conversion import convert_to_sal, register_handler, supported_architectures
+from .feedback import DirectFeedback, FeedbackTap
+from .models import MLPClassifierConfig, MLPForImageClassification
+from .regions import RegionSpec, SALController, SALLayout, get_controller
+from .routing import Router
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AreaLinear",
+    "DirectFeedback",
+    "FeedbackTap",
+    "MLPClassifierConfig",
+    "MLPForImageClassification",
+    "RegionSpec",
+    "Router",
+    "SALConfig",
+    "SALController",
+    "SALLayout",
+    "convert_to_sal",
+    "get_controller",
+    "register_handler",
+    "supported_architectures",
+]

@@ -1,0 +1,140 @@
+"""Area layers: a linear layer whose parameters are split into mutually exclusive areas.
+
+The weights of all areas are stacked in one parameter, `[num_areas, out_features, in_features]`.
+Rows routed to area `k` are multiplied by area `k`'s weights only, so only the routed areas
+compute and only their slices of the parameter receive a gradient. Keeping every area in one
+parameter also means every forward pass touches the same parameters whatever the routing, which
+is what ZeRO-3's parameter gathering and DDP's gradient reduction need.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+__all__ = ["AreaLinear"]
+
+
+class AreaLinear(nn.Module):
+    """A linear layer with `num_areas` independent weight sets and an optional shared path.
+
+    Args:
+        in_features: width of the input.
+        out_features: width of the output.
+        num_areas: number of areas.
+        bias: whether each area has a bias.
+        shared_path: add a dense linear layer applied to every row beside its area's weights.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        num_areas: int,
+        bias: bool = True,
+        shared_path: bool = False,
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.num_areas = num_areas
+        self.weight = nn.Parameter(torch.empty(num_areas, out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(num_areas, out_features)) if bias else None
+        self.shared = nn.Linear(in_features, out_features, bias=bias) if shared_path else None
+        # The areas to use on the next call when the caller cannot pass them (hooked HF modules).
+        self.pending_areas: torch.Tensor | None = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Kaiming-uniform per area, the same scheme as `nn.Linear`."""
+        for area in range(self.num_areas):
+            nn.init.kaiming_uniform_(self.weight.data[area], a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1.0 / math.sqrt(self.in_features)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    @classmethod
+    def from_dense(
+        cls,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        num_areas: int,
+        shared_path: bool = False,
+    ) -> "AreaLinear":
+        """Upcycle a dense layer: every area starts as a copy of `weight` `[out, in]`.
+
+        With a shared path, the shared weights start at zero so the output is unchanged.
+        """
+        out_features, in_features = weight.shape
+        layer = cls(in_features, out_features, num_areas, bias is not None, shared_path)
+        layer.to(device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            layer.weight.copy_(weight.unsqueeze(0).expand_as(layer.weight))
+            if bias is not None:
+                layer.bias.copy_(bias.unsqueeze(0).expand_as(layer.bias))
+            if layer.shared is not None:
+                layer.shared.weight.zero_()
+                if layer.shared.bias is not None:
+                    layer.shared.bias.zero_()
+        return layer
+
+    def forward(self, inputs: torch.Tensor, areas: torch.Tensor | None = None) -> torch.Tensor:
+        """Apply each row's area. `inputs` is `[..., in]`; `areas` is a LongTensor whose shape is
+        a prefix of `inputs.shape[:-1]` (per-sample areas broadcast over a sequence)."""
+        if areas is None:
+            areas = self.pending_areas
+        if areas is None:
+            if self.num_areas != 1:
+                raise RuntimeError(
+                    "AreaLinear with several areas was called without areas: call its router "
+                    "first, or pass `areas=`."
+                )
+            areas = torch.zeros(inputs.shape[:1], dtype=torch.long, device=inputs.device)
+        output = self._grouped_matmul(inputs, self._expand_areas(areas, inputs))
+        if self.shared is not None:
+            output = output + self.shared(inputs)
+        return output
+
+    @staticmethod
+    def _expand_areas(areas: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        leading = inputs.shape[:-1]
+        if areas.shape != leading[: areas.dim()]:
+            raise ValueError(
+                f"areas of shape {tuple(areas.shape)} do not match inputs of shape "
+                f"{tuple(inputs.shape)}: their shape must be a prefix of {tuple(leading)}."
+            )
+        view = areas.reshape(areas.shape + (1,) * (len(leading) - areas.dim()))
+        return view.expand(leading).reshape(-1)
+
+    def _grouped_matmul(self, inputs: torch.Tensor, areas: torch.Tensor) -> torch.Tensor:
+        flat = inputs.reshape(-1, self.in_features)
+        if self.num_areas == 1 or flat.shape[0] == 0:
+            output = flat @ self.weight[0].T
+            if self.bias is not None:
+                output = output + self.bias[0]
+            return output.reshape(*inputs.shape[:-1], self.out_features)
+        # Sort rows by area, multiply each contiguous group by its own weights, undo the sort.
+        order = torch.argsort(areas, stable=True)
+        group_sizes = torch.bincount(areas, minlength=self.num_areas).tolist()
+        groups = flat.index_select(0, order).split(group_sizes)
+        pieces = []
+        for area, group in enumerate(groups):
+            if group.shape[0] == 0:
+                continue
+            piece = group @ self.weight[area].T
+            if self.bias is not None:
+                piece = piece + self.bias[area]
+            pieces.append(piece)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        output = torch.cat(pieces).index_select(0, inverse)
+        return output.reshape(*inputs.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"num_areas={self.num_areas}, bias={self.bias is not None}, "
+            f"shared_path={self.shared is not None}"
+        )

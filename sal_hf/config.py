@@ -1,0 +1,131 @@
+"""The SAL settings of a model: which training method, how many areas, how routing and feedback work."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass
+from typing import Any, Literal
+
+__all__ = ["SALConfig", "Method", "RoutingLevel", "FeedbackMode"]
+
+Method = Literal["sal", "dfa", "bp"]
+RoutingLevel = Literal["sample", "token"]
+FeedbackMode = Literal["region", "area"]
+
+# The number of areas a method uses when `num_areas` is left unset.
+_DEFAULT_AREAS = {"sal": 16, "dfa": 1, "bp": 1}
+
+
+@dataclass
+class SALConfig:
+    """How a model is trained by SAL. Stored in the model config as `sal_config` (a dict).
+
+    Args:
+        method: `"sal"` (areas, routing and regional feedback), `"dfa"` (one area, no routing,
+            direct feedback alignment) or `"bp"` (the same model trained by ordinary backprop).
+        num_areas: areas per area layer. Unset means 16 for `sal` and 1 for `dfa` and `bp`.
+            `sal` needs at least 2, `dfa` exactly 1.
+        routing: `"sample"` routes each sample to one area (a sequence by the mean over its
+            tokens); `"token"` routes every token on its own (language models).
+        routing_dim: width of the learned routing space the prototypes live in.
+        router_temperature: softmax temperature of the soft assignment used only by the balance
+            term (the routing decision itself is a hard arg-max).
+        balance_loss_weight: weight of the term that keeps area usage uniform.
+        prototype_loss_weight: weight of the term that pulls a routed vector toward its chosen
+            prototype.
+        router_momentum: momentum of the running mean that centres the routing space.
+        feedback: `"region"` gives each region one fixed feedback matrix; `"area"` gives every
+            area of a region its own, picked by the sample's area.
+        feedback_rank: when set, the output error is first compressed by one shared fixed matrix
+            (num_outputs x feedback_rank), then each region has a small (feedback_rank x width)
+            matrix. Use it for vocabulary-sized outputs.
+        feedback_scale: multiplier on the 1/sqrt(fan-in) scale of the feedback matrices.
+        shared_path: add an always-on dense path beside the selective area path of each area
+            layer, so every sample also trains shared features.
+        seed: seed from which prototypes and feedback matrices are regenerated.
+    """
+
+    method: Method = "sal"
+    num_areas: int | None = None
+    routing: RoutingLevel = "sample"
+    routing_dim: int = 32
+    router_temperature: float = 0.1
+    balance_loss_weight: float = 1.0
+    prototype_loss_weight: float = 0.1
+    router_momentum: float = 0.99
+    feedback: FeedbackMode = "region"
+    feedback_rank: int | None = None
+    feedback_scale: float = 1.0
+    shared_path: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self._check_choices()
+        if self.num_areas is None:
+            self.num_areas = _DEFAULT_AREAS[self.method]
+        self._check_numbers()
+        self._check_consistency()
+
+    def _check_choices(self) -> None:
+        for name in ("method", "routing", "feedback"):
+            field_type = typing.get_type_hints(SALConfig)[name]
+            allowed = typing.get_args(field_type)
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(f"SALConfig.{name}={value!r} is not supported; use one of {allowed}.")
+
+    def _check_numbers(self) -> None:
+        positive_ints = {"num_areas": self.num_areas, "routing_dim": self.routing_dim}
+        if self.feedback_rank is not None:
+            positive_ints["feedback_rank"] = self.feedback_rank
+        for name, value in positive_ints.items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"SALConfig.{name} must be an integer >= 1, got {value!r}.")
+        for name in ("router_temperature", "feedback_scale"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"SALConfig.{name} must be > 0, got {getattr(self, name)!r}.")
+        for name in ("balance_loss_weight", "prototype_loss_weight"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"SALConfig.{name} must be >= 0, got {getattr(self, name)!r}.")
+        if not 0.0 <= self.router_momentum < 1.0:
+            raise ValueError(
+                f"SALConfig.router_momentum must be in [0, 1), got {self.router_momentum!r}."
+            )
+
+    def _check_consistency(self) -> None:
+        if self.method == "dfa" and self.num_areas != 1:
+            raise ValueError(
+                f"method='dfa' means one area and no routing, but num_areas={self.num_areas}; "
+                "leave num_areas unset or use method='sal'."
+            )
+        if self.method == "sal" and self.num_areas == 1:
+            raise ValueError(
+                "method='sal' with num_areas=1 has nothing to route: that is method='dfa'. "
+                "Use method='dfa' or num_areas >= 2."
+            )
+        if self.feedback == "area" and self.num_areas == 1:
+            raise ValueError(
+                "feedback='area' needs several areas, but num_areas=1; use feedback='region'."
+            )
+
+    @property
+    def uses_feedback(self) -> bool:
+        """True when hidden regions learn from fixed feedback instead of backprop."""
+        return self.method != "bp"
+
+    @property
+    def uses_routing(self) -> bool:
+        """True when area layers have more than one area and therefore a router."""
+        return self.num_areas > 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "SALConfig":
+        known = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"Unknown SALConfig fields {unknown}; known fields are {sorted(known)}.")
+        return cls(**values)

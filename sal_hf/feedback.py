@@ -1,0 +1,166 @@
+"""Direct feedback: fixed random matrices carry the output error to every hidden region.
+
+With `e = dL/d(logits)`, `[..., num_outputs]`, region `l` receives `delta_l = e @ B_l`, with `B_l`
+`[num_outputs, width_l]` fixed, random and scaled by `feedback_scale / sqrt(num_outputs)`. Three
+variants:
+
+- one matrix per region (`feedback="region"`);
+- one matrix per area of a region (`feedback="area"`): the sample's area picks the matrix;
+- compressed (`feedback_rank=r`): one shared fixed `R`, `[num_outputs, r]`, then per region (or
+  area) `[r, width_l]`, so a 50k vocabulary costs one 50k x r matrix, not one per region.
+
+The matrices are buffers regenerated from a seed, never saved and never trained. `FeedbackTap`
+puts them on the autograd graph: it is the identity on the logits in the forward pass, and in the
+backward pass it hands `delta_l` to each region's output, so one `backward()` yields the whole
+SAL update.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["DirectFeedback", "FeedbackTap"]
+
+
+def _random_matrix(shape: tuple[int, ...], scale: float, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=generator) * scale
+
+
+class DirectFeedback(nn.Module):
+    """The fixed feedback matrices of every region of one model.
+
+    Args:
+        num_outputs: width of the model's output (classes, or vocabulary size).
+        region_widths: width of each region's output, in region order.
+        region_areas: number of feedback matrices per region: its number of areas with
+            `feedback="area"`, else 1.
+        rank: width of the shared compression, or None for direct `num_outputs x width` matrices.
+        scale: multiplier on the 1/sqrt(fan-in) scale.
+        seed: seed of every matrix (each matrix derives its own from it).
+    """
+
+    def __init__(
+        self,
+        num_outputs: int,
+        region_widths: Sequence[int],
+        region_areas: Sequence[int],
+        *,
+        rank: int | None = None,
+        scale: float = 1.0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if len(region_widths) != len(region_areas):
+            raise ValueError(
+                f"region_widths has {len(region_widths)} entries but region_areas has "
+                f"{len(region_areas)}; give one of each per region."
+            )
+        self.num_outputs = num_outputs
+        self.region_widths = list(region_widths)
+        self.region_areas = list(region_areas)
+        self.rank = rank
+        self.scale = scale
+        self.seed = seed
+        self.reset_frozen_buffers()
+
+    @property
+    def signal_width(self) -> int:
+        """Width of the error each region matrix reads: the rank if compressed, else outputs."""
+        return self.rank if self.rank is not None else self.num_outputs
+
+    def reset_frozen_buffers(self, device: torch.device | str | None = None) -> None:
+        """(Re)generate every matrix from the seed, identically on every machine."""
+        if self.rank is not None:
+            compression = _random_matrix(
+                (self.num_outputs, self.rank), 1.0 / math.sqrt(self.num_outputs), self.seed
+            )
+            self.register_buffer("compression", compression.to(device), persistent=False)
+        else:
+            self.compression = None
+        region_scale = self.scale / math.sqrt(self.signal_width)
+        for index, (width, areas) in enumerate(zip(self.region_widths, self.region_areas)):
+            shape = (areas, self.signal_width, width)
+            matrix = _random_matrix(shape, region_scale, self.seed + 7919 * (index + 1))
+            self.register_buffer(f"region_{index}", matrix.to(device), persistent=False)
+
+    def matrices(self, region: int) -> torch.Tensor:
+        """The feedback matrices of `region`, `[areas, signal_width, width]`."""
+        return getattr(self, f"region_{region}")
+
+    def compress(self, error: torch.Tensor) -> torch.Tensor:
+        """Apply the shared compression (if any) to the output error `[..., num_outputs]`."""
+        error = error.float()
+        if self.compression is None:
+            return error
+        return error @ self.compression
+
+    def region_signal(
+        self,
+        signal: torch.Tensor,
+        region: int,
+        areas: torch.Tensor | None,
+        hidden_shape: torch.Size,
+    ) -> torch.Tensor:
+        """`delta` for one region, shaped like its output `hidden_shape`.
+
+        `signal` is the (compressed) error, `[*lead, signal_width]`, where `lead` is a prefix of
+        `hidden_shape[:-1]`: sample-level errors are broadcast over a region's sequence.
+        """
+        matrices = self.matrices(region)
+        lead = hidden_shape[:-1]
+        if matrices.shape[0] == 1:
+            return _expand_lead(signal @ matrices[0], lead, features=True)
+        if areas is None:
+            raise RuntimeError(f"region {region} has area-specific feedback but no areas recorded.")
+        flat_signal = _expand_lead(signal, lead, features=True).reshape(-1, signal.shape[-1])
+        flat_areas = _expand_lead(areas, lead, features=False).reshape(-1)
+        delta = torch.empty(flat_signal.shape[0], hidden_shape[-1], device=signal.device)
+        for area in range(matrices.shape[0]):
+            rows = (flat_areas == area).nonzero(as_tuple=True)[0]
+            if rows.numel():
+                delta[rows] = flat_signal[rows] @ matrices[area]
+        return delta.reshape(hidden_shape)
+
+
+def _expand_lead(tensor: torch.Tensor, lead: torch.Size, features: bool) -> torch.Tensor:
+    """Broadcast `tensor` over the missing trailing dims of `lead` (a view, no copy).
+
+    With `features=True` the tensor is `[*prefix, width]` and becomes `[*lead, width]`; else it is
+    `[*prefix]` and becomes `[*lead]`. `prefix` must be a prefix of `lead`.
+    """
+    prefix = tensor.shape[:-1] if features else tensor.shape
+    missing = len(lead) - len(prefix)
+    if missing == 0:
+        return tensor
+    tail = tensor.shape[-1:] if features else torch.Size()
+    view = tensor.reshape(prefix + (1,) * missing + tail)
+    return view.expand(lead + tail)
+
+
+class FeedbackTap(torch.autograd.Function):
+    """Identity on the logits; its backward sends `delta_l` to each recorded region output.
+
+    `apply(feedback, areas, logits, *hidden)`: `areas[l]` is region `l`'s routing (or None) and
+    `hidden[l]` its output. The gradient of the logits passes through unchanged to the head.
+    """
+
+    @staticmethod
+    def forward(ctx, feedback, areas, logits, *hidden):  # noqa: D102
+        ctx.feedback = feedback
+        ctx.areas = areas
+        ctx.hidden_meta = [(h.shape, h.dtype) for h in hidden]
+        return logits.view_as(logits)
+
+    @staticmethod
+    def backward(ctx, grad_logits):  # noqa: D102
+        signal = ctx.feedback.compress(grad_logits)
+        deltas = []
+        for region, (shape, dtype) in enumerate(ctx.hidden_meta):
+            delta = ctx.feedback.region_signal(signal, region, ctx.areas[region], shape)
+            deltas.append(delta.to(dtype))
+        return (None, None, grad_logits, *deltas)

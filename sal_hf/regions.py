@@ -1,0 +1,260 @@
+"""Regions: the units that receive their own learning signal, and the hooks that make them so.
+
+A region is any module (an MLP layer, a transformer block, an embedding) whose output receives
+`delta_l` from direct feedback. `SALController` is attached to a converted model as
+`model.sal_controller`. Through forward hooks on the model's own modules it
+
+- detaches the input of every region and of the head (stop-gradient: no gradient ever crosses a
+  region boundary), unless the method is `bp`;
+- runs each routed region's router on that input and hands the chosen areas to its area layers;
+- records each region's output and, at the head's output, inserts `FeedbackTap`, so that the
+  one `backward()` of the step gives the head its true local gradient and every region its
+  feedback update.
+
+The model's own forward code is left untouched, which is why any architecture can be converted by
+naming its regions and head.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .areas import AreaLinear
+from .config import SALConfig
+from .feedback import DirectFeedback, FeedbackTap
+from .routing import Router
+
+__all__ = ["RegionSpec", "SALLayout", "SALController", "get_controller"]
+
+
+@dataclass
+class RegionSpec:
+    """One region of a model, as an architecture handler describes it.
+
+    Args:
+        name: a readable name used in logs (`"layers.0"`, `"embeddings"`).
+        module: the module whose output is the region's output. Unless `detach_input` is False,
+            its first positional argument (or `hidden_states=`) is the region input.
+        width: width of the region output (its last dim).
+        area_layers: the area layers inside the region; they share the region's router.
+        detach_input: False for a region whose input is not a hidden state (token ids).
+    """
+
+    name: str
+    module: nn.Module
+    width: int
+    area_layers: list[AreaLinear] = field(default_factory=list)
+    detach_input: bool = True
+
+    @property
+    def input_width(self) -> int:
+        return self.area_layers[0].in_features if self.area_layers else self.width
+
+
+@dataclass
+class SALLayout:
+    """Where SAL acts in a model: its regions in execution order, and its head.
+
+    `head_input` is the module whose input is detached (the head's entry); `head_output` the
+    module whose output is the logits `[..., num_outputs]`. They may be the same module.
+    """
+
+    regions: list[RegionSpec]
+    head_input: nn.Module
+    head_output: nn.Module
+    num_outputs: int
+
+
+def _first_tensor(value: Any) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, dict):
+        return next(iter(value.values()))
+    return value[0]
+
+
+def _replace_first(value: Any, tensor: torch.Tensor) -> Any:
+    if isinstance(value, torch.Tensor):
+        return tensor
+    if isinstance(value, dict):
+        key = next(iter(value))
+        value[key] = tensor
+        return value
+    return type(value)([tensor, *value[1:]])
+
+
+class SALController(nn.Module):
+    """Routers, feedback matrices and region hooks of one converted model."""
+
+    def __init__(self, sal_config: SALConfig, layout: SALLayout) -> None:
+        super().__init__()
+        self.sal_config = sal_config
+        # Plain lists: these modules belong to the model, not to the controller.
+        self._regions: list[RegionSpec] = list(layout.regions)
+        self._head_input = layout.head_input
+        self._head_output = layout.head_output
+        self.routers = nn.ModuleDict(self._build_routers(sal_config))
+        self.feedback = self._build_feedback(sal_config, layout.num_outputs)
+        self._hidden: dict[int, torch.Tensor] = {}
+        self._areas: dict[int, torch.Tensor] = {}
+        self._install_hooks()
+
+    @property
+    def regions(self) -> Sequence[RegionSpec]:
+        return tuple(self._regions)
+
+    def _build_routers(self, cfg: SALConfig) -> dict[str, Router]:
+        routers = {}
+        for index, region in enumerate(self._regions):
+            if not region.area_layers or cfg.num_areas < 2:
+                continue
+            routers[str(index)] = Router(
+                region.input_width,
+                cfg.num_areas,
+                cfg.routing_dim,
+                seed=cfg.seed + 104729 * (index + 1),
+                per_token=cfg.routing == "token",
+                temperature=cfg.router_temperature,
+                balance_loss_weight=cfg.balance_loss_weight,
+                prototype_loss_weight=cfg.prototype_loss_weight,
+                momentum=cfg.router_momentum,
+            )
+        reference = next((r.module for r in self._regions), None)
+        parameter = next(reference.parameters(), None) if reference is not None else None
+        if parameter is not None:
+            for router in routers.values():
+                router.to(device=parameter.device)
+        return routers
+
+    def _build_feedback(self, cfg: SALConfig, num_outputs: int) -> DirectFeedback | None:
+        if not cfg.uses_feedback:
+            return None
+        areas_per_region = [
+            cfg.num_areas if cfg.feedback == "area" and str(i) in self.routers else 1
+            for i in range(len(self._regions))
+        ]
+        return DirectFeedback(
+            num_outputs,
+            [region.width for region in self._regions],
+            areas_per_region,
+            rank=cfg.feedback_rank,
+            scale=cfg.feedback_scale,
+            seed=cfg.seed,
+        )
+
+    def reset_frozen_buffers(self) -> None:
+        """Regenerate prototypes and feedback matrices from the seed on the current device."""
+        for router in self.routers.values():
+            router.reset_frozen_buffers()
+        if self.feedback is not None:
+            parameter = next(self._regions[0].module.parameters(), None)
+            self.feedback.reset_frozen_buffers(parameter.device if parameter is not None else None)
+
+    # Hooks -------------------------------------------------------------------------------------
+
+    def _install_hooks(self) -> None:
+        self._handles = []
+        for index, region in enumerate(self._regions):
+            pre = self._make_region_pre_hook(index, region)
+            self._handles.append(region.module.register_forward_pre_hook(pre, with_kwargs=True))
+            post = self._make_region_post_hook(index)
+            self._handles.append(region.module.register_forward_hook(post))
+        self._handles.append(
+            self._head_input.register_forward_pre_hook(self._head_pre_hook, with_kwargs=True)
+        )
+        self._handles.append(self._head_output.register_forward_hook(self._head_post_hook))
+
+    def _learning(self) -> bool:
+        return self.sal_config.uses_feedback and self.training and torch.is_grad_enabled()
+
+    def _make_region_pre_hook(self, index: int, region: RegionSpec):
+        router = self.routers[str(index)] if str(index) in self.routers else None
+
+        def hook(module, args, kwargs):
+            if index == 0:  # a new forward pass: forget what an interrupted one left behind
+                self._hidden.clear()
+                self._areas.clear()
+            if not region.detach_input:
+                return None
+            in_args = bool(args)
+            inputs = args[0] if in_args else kwargs["hidden_states"]
+            if self.sal_config.uses_feedback:
+                inputs = inputs.detach()
+            if router is not None:
+                areas = router(inputs)
+                self._areas[index] = areas
+                for layer in region.area_layers:
+                    layer.pending_areas = areas
+            if in_args:
+                return (inputs, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": inputs}
+
+        return hook
+
+    def _make_region_post_hook(self, index: int):
+        def hook(module, args, output):
+            if self._learning():
+                if index in self._hidden:
+                    raise RuntimeError(
+                        f"region {self._regions[index].name} ran twice in one forward pass; "
+                        "SAL regions must be distinct modules, each called once."
+                    )
+                self._hidden[index] = _first_tensor(output)
+            return None
+
+        return hook
+
+    def _head_pre_hook(self, module, args, kwargs):
+        if not self.sal_config.uses_feedback:
+            return None
+        if args:
+            return (args[0].detach(), *args[1:]), kwargs
+        key = "hidden_states" if "hidden_states" in kwargs else next(iter(kwargs))
+        return args, {**kwargs, key: kwargs[key].detach()}
+
+    def _head_post_hook(self, module, args, output):
+        if not self._learning():
+            self._hidden.clear()
+            return None
+        missing = [r.name for i, r in enumerate(self._regions) if i not in self._hidden]
+        if missing:
+            raise RuntimeError(f"regions {missing} did not run before the head in this forward.")
+        hidden = [self._hidden[i] for i in range(len(self._regions))]
+        areas = [self._areas.get(i) for i in range(len(self._regions))]
+        self._hidden.clear()
+        logits = FeedbackTap.apply(self.feedback, areas, _first_tensor(output), *hidden)
+        return _replace_first(output, logits)
+
+    # Router loss and usage ----------------------------------------------------------------------
+
+    def router_loss(self) -> torch.Tensor | None:
+        """Sum of the routers' local losses from the last training forward pass, then cleared.
+
+        Add it to the task loss before the step's single `backward()` (`SALTrainer` does).
+        """
+        losses = []
+        for router in self.routers.values():
+            if router.last_loss is not None:
+                losses.append(router.last_loss)
+                router.last_loss = None
+        return torch.stack(losses).sum() if losses else None
+
+    def take_usage(self, split: str = "train") -> dict[str, torch.Tensor]:
+        """Per routed region, the area counts since the last call for `split` (then reset)."""
+        return {
+            self._regions[int(index)].name: router.take_usage(split)
+            for index, router in self.routers.items()
+        }
+
+
+def get_controller(model: nn.Module) -> SALController | None:
+    """The `SALController` of a converted model (through DDP/DeepSpeed wrappers), or None."""
+    inner = model
+    while hasattr(inner, "module") and not hasattr(inner, "sal_controller"):
+        inner = inner.module
+    return getattr(inner, "sal_controller", None)

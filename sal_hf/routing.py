@@ -1,0 +1,155 @@
+"""Learned-frozen routing: a learnable projection, frozen prototypes, a hard choice of one area.
+
+A router maps the input of an area layer into a routing space (`routing_dim` wide) with a
+learnable linear projection, centres it with a running mean, and picks for each sample (or token)
+the area whose frozen prototype has the highest cosine similarity. The projection learns locally,
+never through the network: its input is always detached, and its loss pulls each routed vector
+toward its chosen prototype while a balance term keeps area usage uniform.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["Router", "make_prototypes", "usage_entropy"]
+
+
+def make_prototypes(num_areas: int, routing_dim: int, seed: int) -> torch.Tensor:
+    """Fixed unit-norm prototypes, `[num_areas, routing_dim]`, the same on every machine.
+
+    Orthonormal when `routing_dim >= num_areas`, so areas start as far apart as possible.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    gaussian = torch.randn(max(routing_dim, num_areas), routing_dim, generator=generator)
+    if routing_dim >= num_areas:
+        orthonormal, _ = torch.linalg.qr(gaussian.T)  # [routing_dim, routing_dim]
+        return orthonormal.T[:num_areas].contiguous()
+    return F.normalize(gaussian[:num_areas], dim=-1)
+
+
+def usage_entropy(counts: torch.Tensor) -> float:
+    """Entropy (nats) of the area-usage distribution given per-area counts."""
+    total = counts.sum()
+    if total <= 0:
+        return 0.0
+    probs = counts.double() / total
+    nonzero = probs[probs > 0]
+    return float(-(nonzero * nonzero.log()).sum())
+
+
+class Router(nn.Module):
+    """Chooses one area per sample or per token.
+
+    Call it with the (already detached) input of its area layer, `[..., in_features]`; it returns
+    the chosen areas, a LongTensor of the leading shape. With `per_token=False` and a 3-d input
+    `[batch, seq, in_features]`, the sequence is averaged first and the result is `[batch]`.
+    In training mode it also keeps `self.last_loss`, its local loss for this forward pass.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_areas: int,
+        routing_dim: int = 32,
+        *,
+        seed: int = 0,
+        per_token: bool = False,
+        temperature: float = 0.1,
+        balance_loss_weight: float = 1.0,
+        prototype_loss_weight: float = 0.1,
+        momentum: float = 0.99,
+    ) -> None:
+        super().__init__()
+        self.num_areas = num_areas
+        self.routing_dim = routing_dim
+        self.seed = seed
+        self.per_token = per_token
+        self.temperature = temperature
+        self.balance_loss_weight = balance_loss_weight
+        self.prototype_loss_weight = prototype_loss_weight
+        self.momentum = momentum
+        self.projection = nn.Linear(in_features, routing_dim)
+        # Frozen prototypes are regenerated from the seed, never saved and never trained.
+        self.register_buffer("prototypes", make_prototypes(num_areas, routing_dim, seed), False)
+        # The running mean is learned state (like batch-norm statistics), so it is saved.
+        self.register_buffer("running_mean", torch.zeros(routing_dim))
+        self.register_buffer("num_batches_tracked", torch.zeros((), dtype=torch.long))
+        self.register_buffer("train_counts", torch.zeros(num_areas), False)
+        self.register_buffer("eval_counts", torch.zeros(num_areas), False)
+        self.last_loss: torch.Tensor | None = None
+        self.last_areas: torch.Tensor | None = None
+
+    def reset_frozen_buffers(self) -> None:
+        """Regenerate the prototypes from the seed (after loading onto a new device)."""
+        prototypes = make_prototypes(self.num_areas, self.routing_dim, self.seed)
+        self.prototypes = prototypes.to(self.projection.weight.device)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        inputs = inputs.detach()
+        if not self.per_token and inputs.dim() == 3:
+            inputs = inputs.mean(dim=1)
+        flat = inputs.reshape(-1, inputs.shape[-1])
+        projected = self.projection(flat.to(self.projection.weight.dtype)).float()
+        if self.training and torch.is_grad_enabled():
+            self._update_running_mean(projected.detach())
+        centred = F.normalize(projected - self.running_mean, dim=-1)
+        similarity = centred @ self.prototypes.float().T  # [tokens, num_areas], cosines
+        areas = similarity.argmax(dim=-1)
+        self._count(areas)
+        if self.training and torch.is_grad_enabled():
+            self.last_loss = self._local_loss(similarity, areas)
+        self.last_areas = areas.reshape(inputs.shape[:-1])
+        return self.last_areas
+
+    def _update_running_mean(self, projected: torch.Tensor) -> None:
+        batch_sum = projected.sum(dim=0)
+        count = torch.tensor(float(projected.shape[0]), device=projected.device)
+        if dist.is_available() and dist.is_initialized():
+            # Keep every rank's routing identical: all ranks run every router on every step.
+            stacked = torch.cat([batch_sum, count.view(1)])
+            dist.all_reduce(stacked)
+            batch_sum, count = stacked[:-1], stacked[-1]
+        batch_mean = batch_sum / count
+        with torch.no_grad():
+            if self.num_batches_tracked == 0:
+                self.running_mean.copy_(batch_mean)
+            else:
+                self.running_mean.lerp_(batch_mean, 1.0 - self.momentum)
+            self.num_batches_tracked += 1
+
+    def _local_loss(self, similarity: torch.Tensor, areas: torch.Tensor) -> torch.Tensor:
+        # Pull each routed vector toward its chosen prototype: 1 - cosine, averaged.
+        chosen = similarity.gather(1, areas.unsqueeze(1)).squeeze(1)
+        prototype_loss = (1.0 - chosen).mean()
+        # Balance: KL divergence of the mean soft assignment from the uniform distribution.
+        mean_assignment = (similarity / self.temperature).softmax(dim=-1).mean(dim=0)
+        balance_loss = (mean_assignment * (mean_assignment * self.num_areas).log()).sum()
+        return self.prototype_loss_weight * prototype_loss + self.balance_loss_weight * balance_loss
+
+    def _count(self, areas: torch.Tensor) -> None:
+        counts = torch.bincount(areas, minlength=self.num_areas).to(self.train_counts.dtype)
+        if self.training:
+            self.train_counts += counts
+        else:
+            self.eval_counts += counts
+
+    def take_usage(self, split: str = "train") -> torch.Tensor:
+        """Return the per-area counts since the last call for `split` and reset them."""
+        buffer = self.train_counts if split == "train" else self.eval_counts
+        counts = buffer.clone()
+        buffer.zero_()
+        return counts
+
+    def extra_repr(self) -> str:
+        level = "token" if self.per_token else "sample"
+        return f"num_areas={self.num_areas}, routing_dim={self.routing_dim}, routing={level}"
+
+
+def max_entropy(num_areas: int) -> float:
+    """The entropy of uniform usage, log(num_areas)."""
+    return math.log(num_areas)
