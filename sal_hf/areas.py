@@ -62,7 +62,7 @@ class AreaLinear(nn.Module):
         bias: torch.Tensor | None,
         num_areas: int,
         shared_path: bool = False,
-    ) -> "AreaLinear":
+    ) -> AreaLinear:
         """Upcycle a dense layer: every area starts as a copy of `weight` `[out, in]`.
 
         With a shared path, the shared weights start at zero so the output is unchanged.

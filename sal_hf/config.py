@@ -1,4 +1,4 @@
-"""The SAL settings of a model: which training method, how many areas, how routing and feedback work."""
+"""The SAL settings of a model: training method, number of areas, routing and feedback."""
 
 from __future__ import annotations
 
@@ -73,7 +73,9 @@ class SALConfig:
             allowed = typing.get_args(field_type)
             value = getattr(self, name)
             if value not in allowed:
-                raise ValueError(f"SALConfig.{name}={value!r} is not supported; use one of {allowed}.")
+                raise ValueError(
+                    f"SALConfig.{name}={value!r} is not supported; use one of {allowed}."
+                )
 
     def _check_numbers(self) -> None:
         positive_ints = {"num_areas": self.num_areas, "routing_dim": self.routing_dim}
@@ -123,9 +125,11 @@ class SALConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "SALConfig":
+    def from_dict(cls, values: dict[str, Any]) -> SALConfig:
         known = {field.name for field in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"Unknown SALConfig fields {unknown}; known fields are {sorted(known)}.")
+            raise ValueError(
+                f"Unknown SALConfig fields {unknown}; known fields are {sorted(known)}."
+            )
         return cls(**values)

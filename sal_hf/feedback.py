@@ -83,7 +83,8 @@ class DirectFeedback(nn.Module):
         else:
             self.compression = None
         region_scale = self.scale / math.sqrt(self.signal_width)
-        for index, (width, areas) in enumerate(zip(self.region_widths, self.region_areas)):
+        pairs = zip(self.region_widths, self.region_areas, strict=True)
+        for index, (width, areas) in enumerate(pairs):
             shape = (areas, self.signal_width, width)
             matrix = _random_matrix(shape, region_scale, self.seed + 7919 * (index + 1))
             self.register_buffer(f"region_{index}", matrix.to(device), persistent=False)

@@ -95,7 +95,7 @@ class MLPForImageClassification(MLPPreTrainedModel):
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 
-    def forward(self, pixel_values, labels=None, **kwargs) -> ImageClassifierOutput:
+    def forward(self, pixel_values, labels=None) -> ImageClassifierOutput:
         hidden_states = pixel_values.flatten(1).to(self.classifier.weight.dtype)
         for layer in self.layers:
             hidden_states = layer(hidden_states)

@@ -1,0 +1,138 @@
+"""`SALTrainer`: the `transformers.Trainer` for SAL models.
+
+SAL lives in the model (region hooks and the feedback tap), so the Trainer's own loop, with one
+`backward()` per micro-batch, already applies the SAL update; everything `TrainingArguments`
+offers (gradient accumulation, evaluation, checkpointing and resuming, `report_to`, schedules,
+Accelerate and DeepSpeed) keeps working. The subclass adds only what SAL needs: the routers'
+local loss joins the task loss before that backward, area usage and both losses are logged, and
+classifiers are evaluated for accuracy.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from transformers import Trainer, TrainingArguments
+
+from .regions import SALController, get_controller
+from .routing import usage_entropy
+
+__all__ = ["SALTrainer", "SALTrainingArguments", "accuracy_metrics", "argmax_logits"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SALTrainingArguments(TrainingArguments):
+    """`TrainingArguments` plus the SAL logging options."""
+
+    log_area_usage: bool = field(
+        default=True,
+        metadata={"help": "Log, per SAL layer, the entropy and largest share of area usage."},
+    )
+
+
+def accuracy_metrics(eval_prediction) -> dict[str, float]:
+    """Classification accuracy, for `compute_metrics` (expects predictions from `argmax_logits`)."""
+    predictions, labels = eval_prediction.predictions, eval_prediction.label_ids
+    if isinstance(predictions, tuple):
+        predictions = predictions[0]
+    return {"accuracy": float(np.mean(np.asarray(predictions) == np.asarray(labels)))}
+
+
+def argmax_logits(logits, labels):
+    """`preprocess_logits_for_metrics` that keeps only the predicted class."""
+    if isinstance(logits, tuple):
+        logits = logits[0]
+    return logits.argmax(dim=-1)
+
+
+def _is_sequence_output_model(model) -> bool:
+    config = getattr(model, "config", None)
+    architectures = getattr(config, "architectures", None) or [type(model).__name__]
+    return any("CausalLM" in name or "MaskedLM" in name for name in architectures)
+
+
+class SALTrainer(Trainer):
+    """A `Trainer` for models converted by `sal_hf.convert_to_sal` (or loaded by `AutoSAL*`).
+
+    Takes the same arguments as `transformers.Trainer`. For classifiers, when neither
+    `compute_metrics` nor `preprocess_logits_for_metrics` is given, evaluation reports accuracy.
+    After `evaluate` or `predict`, `last_area_usage` holds, per SAL layer, the fraction of the
+    evaluated samples (or tokens) each area received.
+    """
+
+    def __init__(self, model=None, args=None, *positional, **kwargs) -> None:
+        controller = get_controller(model) if model is not None else None
+        if controller is None:
+            raise ValueError(
+                "SALTrainer needs a SAL model: convert yours with "
+                "sal_hf.convert_to_sal(model, SALConfig(...)) or load a SAL checkpoint with an "
+                "AutoSAL class. For ordinary backprop on the same model use SALConfig(method='bp')."
+            )
+        metrics_unset = kwargs.get("compute_metrics") is None and (
+            "preprocess_logits_for_metrics" not in kwargs
+        )
+        if not positional and metrics_unset and not _is_sequence_output_model(model):
+            kwargs["compute_metrics"] = accuracy_metrics
+            kwargs["preprocess_logits_for_metrics"] = argmax_logits
+        super().__init__(model, args, *positional, **kwargs)
+        self.sal_controller: SALController = controller
+        self.last_area_usage: dict[str, list[float]] = {}
+        self._loss_sums = torch.zeros(3, dtype=torch.float64)  # task, router, count
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = super().compute_loss(
+            model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+        )
+        router_loss = self.sal_controller.router_loss() if model.training else None
+        if model.training:
+            router_value = 0.0 if router_loss is None else float(router_loss.detach())
+            self._loss_sums += torch.tensor([float(loss.detach()), router_value, 1.0])
+        if router_loss is not None:
+            # The task loss may already be normalised over the whole accumulated batch, in which
+            # case the Trainer will not divide it; the router loss is a per-micro-batch mean.
+            if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
+                router_loss = router_loss / self.current_gradient_accumulation_steps
+            loss = loss + router_loss.to(loss.dtype)
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._loss_sums[2] > 0:
+            task, router, count = self._loss_sums.tolist()
+            logs["task_loss"] = round(task / count, 6)
+            if self.sal_controller.routers:
+                logs["router_loss"] = round(router / count, 6)
+            self._loss_sums.zero_()
+            if self.args.log_area_usage:
+                logs.update(self._usage_metrics("train", prefix=""))
+        super().log(logs, start_time)
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None,
+                        ignore_keys=None, metric_key_prefix="eval"):
+        self.sal_controller.take_usage("eval")  # start counting from zero
+        output = super().evaluation_loop(
+            dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
+        )
+        if self.args.log_area_usage:
+            output.metrics.update(self._usage_metrics("eval", prefix=f"{metric_key_prefix}_"))
+        return output
+
+    def _usage_metrics(self, split: str, prefix: str) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        usage = self.sal_controller.take_usage(split)
+        fractions = {}
+        for name, counts in usage.items():
+            counts = self.accelerator.reduce(counts.to(self.args.device), reduction="sum").cpu()
+            total = float(counts.sum())
+            if total == 0:
+                continue
+            fractions[name] = (counts / total).tolist()
+            metrics[f"{prefix}area_entropy/{name}"] = round(usage_entropy(counts), 4)
+            metrics[f"{prefix}area_max_share/{name}"] = round(float(counts.max()) / total, 4)
+        if split == "eval":
+            self.last_area_usage = fractions
+        return metrics
