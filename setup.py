@@ -14,7 +14,7 @@ setup(
         "torch>=2.4,<2.14",
         "transformers>=5.0,<6",
         "accelerate>=1.0",
-        "datasets>=3.0",
+        "datasets>=4.0",
         "safetensors>=0.4",
         "huggingface_hub>=1.0",
         "numpy",
@@ -22,8 +22,8 @@ setup(
     ],
     extras_require={
         "deepspeed": ["deepspeed>=0.16"],
-        "data": ["scikit-learn", "rdata"],
+        "data": ["scikit-learn", "rdata", "mnist1d==0.0.2.post1"],
         "plots": ["matplotlib"],
-        "dev": ["pytest", "ruff", "scikit-learn", "matplotlib", "deepspeed>=0.16"],
+        "dev": ["pytest", "ruff", "scikit-learn", "matplotlib", "deepspeed>=0.16", "pandas"],
     },
 )

@@ -4,7 +4,8 @@ Every loader gives splits `train`, `validation` and `test` with two columns, in 
 
 - `pixel_values`: float32, a vector of length H*W (`flatten=True`) or an image of shape
   [1, H, W]. Pixels are scaled to [0, 1], then standardised with one mean and one std measured
-  on the whole train split, so train pixels have mean 0 and std 1. The two numbers are written
+  on the whole train split, so train pixels have mean 0 and std 1 (MNIST-1D's signals are not
+  pixels: they are standardised as generated, without the scaling). The two numbers are written
   in each split's `info.description`, for standardising new images the same way.
 - `labels`: int64, a `ClassLabel` whose `names` give each class's name.
 
@@ -15,6 +16,7 @@ installs all of them. A missing one raises `DatasetNotInstalledError` naming the
 from __future__ import annotations
 
 import gzip
+import hashlib
 import importlib.util
 import logging
 import os
@@ -112,7 +114,10 @@ def _read_idx(path: Path, magic: int, header_size: int) -> np.ndarray:
         raw = file.read()
     header = np.frombuffer(raw, dtype=">i4", count=header_size // 4)
     if header[0] != magic:
-        raise ValueError(f"{path} starts with magic number {header[0]}, expected {magic}.")
+        raise ValueError(
+            f"{path} starts with magic number {header[0]}, expected {magic}: it is not an IDX "
+            f"file of this kind. Reinstall it with `{_INSTALL_COMMANDS['fashion_mnist']}`."
+        )
     return np.frombuffer(raw, dtype=np.uint8, offset=header_size).reshape(header[1:])
 
 
@@ -206,12 +211,15 @@ def _describe_mnist_source() -> str:
 @dataclass(frozen=True)
 class _ImageSpec:
     title: str
+    # What the values are before standardisation, for the splits' description.
+    values: str
     image_size: tuple[int, int]
     label_names: tuple[str, ...]
     read: Callable[[int], Splits]
     source: Callable[[], str]
 
 
+_PIXELS = "pixels scaled to [0, 1]"
 _DIGIT_NAMES = tuple(str(digit) for digit in range(10))
 _FASHION_NAMES = (
     "T-shirt/top",
@@ -227,9 +235,12 @@ _FASHION_NAMES = (
 )
 
 _SPECS = {
-    "mnist": _ImageSpec("MNIST", (28, 28), _DIGIT_NAMES, _read_mnist, _describe_mnist_source),
+    "mnist": _ImageSpec(
+        "MNIST", _PIXELS, (28, 28), _DIGIT_NAMES, _read_mnist, _describe_mnist_source
+    ),
     "fashion_mnist": _ImageSpec(
         "Fashion-MNIST",
+        _PIXELS,
         (28, 28),
         _FASHION_NAMES,
         _read_fashion_mnist,
@@ -237,6 +248,7 @@ _SPECS = {
     ),
     "digits": _ImageSpec(
         "Digits",
+        _PIXELS,
         (8, 8),
         _DIGIT_NAMES,
         _read_digits,
@@ -244,6 +256,7 @@ _SPECS = {
     ),
     "mnist1d": _ImageSpec(
         "MNIST-1D",
+        "signals as generated (already centred, not in [0, 1])",
         (1, 40),
         _DIGIT_NAMES,
         _read_mnist1d,
@@ -277,18 +290,27 @@ def image_dataset_info(name: str) -> dict:
     }
 
 
-def _pixel_column(pixels: np.ndarray, flatten: bool) -> tuple[pa.Array, datasets.List]:
-    """An Arrow column of fixed-size lists over one flat buffer, and its `datasets` feature."""
+def _nested_lists(values: pa.Array, size: int) -> pa.ListArray:
+    """Group `values` into lists of `size` items each, without copying them."""
+    offsets = np.arange(0, len(values) + 1, size, dtype=np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), values)
+
+
+def _pixel_column(pixels: np.ndarray, flatten: bool) -> tuple[pa.Array, datasets.features.Feature]:
+    """An Arrow column over one flat float32 buffer, and its `datasets` feature.
+
+    Vectors are fixed-size lists. Images are an `Array3D` [1, H, W], whose storage is nested
+    lists: torch formatting reads it ~50x faster than three nested fixed-size lists.
+    """
     _, height, width = pixels.shape
     values = pa.array(np.ascontiguousarray(pixels, dtype=np.float32).reshape(-1))
-    scalar = datasets.Value("float32")
     if flatten:
-        feature = datasets.List(scalar, length=height * width)
+        feature = datasets.List(datasets.Value("float32"), length=height * width)
         return pa.FixedSizeListArray.from_arrays(values, height * width), feature
-    rows = pa.FixedSizeListArray.from_arrays(values, width)
-    planes = pa.FixedSizeListArray.from_arrays(rows, height)
-    feature = datasets.List(datasets.List(scalar, length=width), length=height)
-    return pa.FixedSizeListArray.from_arrays(planes, 1), datasets.List(feature, length=1)
+
+    feature = datasets.Array3D(shape=(1, height, width), dtype="float32")
+    storage = _nested_lists(_nested_lists(_nested_lists(values, width), height), 1)
+    return pa.ExtensionArray.from_storage(feature(), storage), feature
 
 
 def _to_dataset(
@@ -299,20 +321,35 @@ def _to_dataset(
     flatten: bool,
     split: str,
     description: str,
+    fingerprint: str,
 ) -> datasets.Dataset:
-    # Building from Arrow arrays costs a copy; Dataset.from_dict on 50k x 784 takes ~30x longer.
+    # Building from Arrow arrays avoids Dataset.from_dict's row-wise encoding (~30x slower on
+    # 50k x 784), and a given fingerprint avoids hashing the whole table.
     column, pixel_feature = _pixel_column(pixels, flatten)
     features = datasets.Features(
         {"pixel_values": pixel_feature, "labels": datasets.ClassLabel(names=list(spec.label_names))}
     )
     table = pa.table({"pixel_values": column, "labels": pa.array(labels, type=pa.int64())})
     info = datasets.DatasetInfo(description=description, features=features)
-    return datasets.Dataset(table, info=info, split=split).with_format("torch")
+    dataset = datasets.Dataset(table, info=info, split=split, fingerprint=fingerprint)
+    return dataset.with_format("torch")
 
 
 def _check_limit(limit: int | None) -> None:
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be a positive int or None, got {limit!r}.")
+
+
+def _fingerprint(*parts: object) -> str:
+    """A fingerprint fixed by the loader's arguments: the same arguments give the same rows."""
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
+
+
+def _describe(spec: _ImageSpec, mean: float, std: float) -> str:
+    return (
+        f"{spec.title}: {spec.values}, then standardised as (x - mean) / std with the train "
+        f"split's mean = {mean:.6f} and std = {std:.6f}."
+    )
 
 
 def load_image_dataset(
@@ -341,29 +378,25 @@ def load_image_dataset(
     started = time.perf_counter()
     splits = spec.read(seed)
 
-    train_pixels = splits["train"][0]
-    mean = float(train_pixels.mean(dtype=np.float64))
-    std = float(train_pixels.std(dtype=np.float64))
-    description = (
-        f"{spec.title}: pixels scaled to [0, 1], then standardised as (x - {mean:.6f}) / "
-        f"{std:.6f} with the train split's mean and std."
-    )
+    # float32 with NumPy's pairwise summation is accurate to ~1e-7 here and 10x faster than
+    # accumulating in float64.
+    mean, std = float(splits["train"][0].mean()), float(splits["train"][0].std())
+    description = _describe(spec, mean, std)
 
     loaded = {}
     for split, (pixels, labels) in splits.items():
         pixels, labels = pixels[:limit], labels[:limit]
-        standardised = (pixels - np.float32(mean)) / np.float32(std)
         loaded[split] = _to_dataset(
-            standardised, labels, spec, flatten=flatten, split=split, description=description
+            (pixels - np.float32(mean)) / np.float32(std),
+            labels,
+            spec,
+            flatten=flatten,
+            split=split,
+            description=description,
+            fingerprint=_fingerprint(__name__, name, seed, flatten, limit, split, mean, std),
         )
 
     sizes = ", ".join(f"{split} {len(dataset)}" for split, dataset in loaded.items())
-    logger.info(
-        "Loaded %s (%s) in %.2f s; train mean %.4f, std %.4f.",
-        spec.title,
-        sizes,
-        time.perf_counter() - started,
-        mean,
-        std,
-    )
+    elapsed = time.perf_counter() - started
+    logger.info("Loaded %s (%s) in %.2f s; %s", spec.title, sizes, elapsed, description)
     return datasets.DatasetDict(loaded)
