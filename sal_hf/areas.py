@@ -119,14 +119,15 @@ class AreaLinear(nn.Module):
         order = torch.argsort(areas, stable=True)
         group_sizes = torch.bincount(areas, minlength=self.num_areas).tolist()
         groups = flat.index_select(0, order).split(group_sizes)
+        # One unbind, not one index per area: each `weight[k]` would allocate a full-size
+        # zero gradient in backward, `unbind` stacks the per-area gradients once.
+        weights = self.weight.unbind(0)
+        biases = self.bias.unbind(0) if self.bias is not None else [None] * self.num_areas
         pieces = []
-        for area, group in enumerate(groups):
+        for group, weight, bias in zip(groups, weights, biases, strict=True):
             if group.shape[0] == 0:
                 continue
-            piece = group @ self.weight[area].T
-            if self.bias is not None:
-                piece = piece + self.bias[area]
-            pieces.append(piece)
+            pieces.append(group @ weight.T if bias is None else torch.addmm(bias, group, weight.T))
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
         output = torch.cat(pieces).index_select(0, inverse)

@@ -1,0 +1,51 @@
+import pytest
+
+from sal_hf import SALConfig
+
+
+def test_defaults_resolve_num_areas_per_method():
+    assert SALConfig().num_areas == 16
+    assert SALConfig(method="dfa").num_areas == 1
+    assert SALConfig(method="bp").num_areas == 1
+
+
+@pytest.mark.parametrize("num_areas", [0, -3])
+def test_num_areas_below_one_is_rejected_with_its_value(num_areas):
+    with pytest.raises(ValueError, match=rf"num_areas must be an integer >= 1, got {num_areas}"):
+        SALConfig(num_areas=num_areas)
+
+
+def test_unknown_method_lists_the_allowed_ones():
+    with pytest.raises(ValueError, match=r"method='hebbian' is not supported.*'sal', 'dfa', 'bp'"):
+        SALConfig(method="hebbian")
+
+
+def test_dfa_with_several_areas_contradicts_itself():
+    with pytest.raises(ValueError, match="method='dfa' means one area.*num_areas=4"):
+        SALConfig(method="dfa", num_areas=4)
+
+
+def test_sal_with_one_area_is_refused_as_dfa():
+    with pytest.raises(ValueError, match="that is method='dfa'"):
+        SALConfig(method="sal", num_areas=1)
+
+
+def test_area_feedback_needs_several_areas():
+    with pytest.raises(ValueError, match="feedback='area' needs several areas"):
+        SALConfig(method="bp", feedback="area")
+
+
+@pytest.mark.parametrize(
+    "field, value", [("routing_dim", 0), ("feedback_rank", 0), ("router_temperature", 0.0),
+                     ("feedback_scale", -1.0), ("router_momentum", 1.0)],
+)
+def test_out_of_range_numbers_are_rejected(field, value):
+    with pytest.raises(ValueError, match=f"SALConfig.{field}"):
+        SALConfig(**{field: value})
+
+
+def test_dict_round_trip_and_unknown_fields():
+    config = SALConfig(num_areas=8, routing="token", feedback="area", feedback_rank=64)
+    assert SALConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match=r"Unknown SALConfig fields \['areas'\]"):
+        SALConfig.from_dict({"areas": 3})
