@@ -96,8 +96,8 @@ class SALController(nn.Module):
         self.sal_config = sal_config
         # Plain lists: these modules belong to the model, not to the controller.
         self._regions: list[RegionSpec] = list(layout.regions)
-        self._head_input = layout.head_input
-        self._head_output = layout.head_output
+        # A tuple, so that nn.Module does not register the head under the controller too.
+        self._head: tuple[nn.Module, nn.Module] = (layout.head_input, layout.head_output)
         self.routers = nn.ModuleDict(self._build_routers(sal_config))
         self.feedback = self._build_feedback(sal_config, layout.num_outputs)
         self._hidden: dict[int, torch.Tensor] = {}
@@ -164,10 +164,11 @@ class SALController(nn.Module):
             self._handles.append(region.module.register_forward_pre_hook(pre, with_kwargs=True))
             post = self._make_region_post_hook(index)
             self._handles.append(region.module.register_forward_hook(post))
+        head_input, head_output = self._head
         self._handles.append(
-            self._head_input.register_forward_pre_hook(self._head_pre_hook, with_kwargs=True)
+            head_input.register_forward_pre_hook(self._head_pre_hook, with_kwargs=True)
         )
-        self._handles.append(self._head_output.register_forward_hook(self._head_post_hook))
+        self._handles.append(head_output.register_forward_hook(self._head_post_hook))
 
     def _learning(self) -> bool:
         return self.sal_config.uses_feedback and self.training and torch.is_grad_enabled()

@@ -1,0 +1,120 @@
+"""SALTrainer keeps the Trainer's features while applying the SAL update."""
+
+import pytest
+import torch
+from datasets import Dataset
+from helpers import tiny_mlp
+
+from sal_hf import MLPClassifierConfig, MLPForImageClassification, get_controller
+from sal_hf.trainer import SALTrainer, SALTrainingArguments
+
+
+def toy_dataset(rows: int = 64, features: int = 5, classes: int = 3, seed: int = 0) -> Dataset:
+    generator = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(rows, features, generator=generator)
+    labels = (inputs[:, 0] > 0).long() + (inputs[:, 1] > 0.5).long()
+    return Dataset.from_dict({"pixel_values": inputs.numpy(), "labels": labels.numpy()}) \
+        .with_format("torch").filter(lambda row: row["labels"] < classes)
+
+
+def arguments(tmp_path, **overrides) -> SALTrainingArguments:
+    values = dict(
+        output_dir=str(tmp_path), per_device_train_batch_size=8, learning_rate=1e-2,
+        max_steps=6, logging_steps=2, save_strategy="no", report_to="none", use_cpu=True,
+        disable_tqdm=True, seed=0, data_seed=0,
+    )
+    values.update(overrides)
+    return SALTrainingArguments(**values)
+
+
+def test_plain_model_is_refused_with_a_hint(tmp_path):
+    model = MLPForImageClassification(MLPClassifierConfig(input_size=5, num_labels=3))
+    with pytest.raises(ValueError, match="convert_to_sal"):
+        SALTrainer(model=model, args=arguments(tmp_path))
+
+
+def test_one_backward_per_optimizer_step(tmp_path):
+    trainer = SALTrainer(model=tiny_mlp(num_areas=2), args=arguments(tmp_path),
+                         train_dataset=toy_dataset())
+    calls = []
+    original = trainer.accelerator.backward
+    trainer.accelerator.backward = lambda loss, **kw: (calls.append(1), original(loss, **kw))
+    trainer.train()
+    assert trainer.state.global_step == 6
+    assert len(calls) == 6
+
+
+def test_prototypes_and_feedback_are_unchanged_by_training(tmp_path):
+    model = tiny_mlp(num_areas=2)
+    controller = get_controller(model)
+    frozen = {n: b.clone() for n, b in controller.named_buffers() if "prototypes" in n
+              or n.startswith("feedback.")}
+    trainer = SALTrainer(model=model, args=arguments(tmp_path), train_dataset=toy_dataset())
+    trainer.train()
+    assert len(frozen) == 4  # 2 routers' prototypes, 2 regions' feedback matrices
+    for name, before in frozen.items():
+        assert torch.equal(dict(controller.named_buffers())[name], before), name
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert not any("prototypes" in n or "feedback" in n for n in trainable)
+
+
+def test_frozen_buffers_regenerate_identically_from_the_seed():
+    first, second = tiny_mlp(num_areas=2, seed=7), tiny_mlp(num_areas=2, seed=7)
+    for (name, a), (_, b) in zip(get_controller(first).named_buffers(),
+                                 get_controller(second).named_buffers(), strict=True):
+        if "prototypes" in name or name.startswith("feedback."):
+            assert torch.equal(a, b), name
+    other = tiny_mlp(num_areas=2, seed=8)
+    assert not torch.equal(get_controller(other).feedback.matrices(0),
+                           get_controller(first).feedback.matrices(0))
+
+
+def test_gradient_accumulation_matches_the_full_batch(tmp_path):
+    # DFA (no router): two micro-batches of 8 give the same step as one batch of 16.
+    results = []
+    for batch, accumulation in ((16, 1), (8, 2)):
+        torch.manual_seed(0)
+        model = tiny_mlp(method="dfa")
+        args = arguments(tmp_path / str(batch), per_device_train_batch_size=batch,
+                         gradient_accumulation_steps=accumulation, max_steps=1, optim="sgd",
+                         max_grad_norm=0.0)
+        SALTrainer(model=model, args=args, train_dataset=toy_dataset()).train()
+        results.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-6)
+
+
+def test_training_logs_both_losses_and_area_usage(tmp_path):
+    trainer = SALTrainer(model=tiny_mlp(num_areas=2), args=arguments(tmp_path),
+                         train_dataset=toy_dataset())
+    trainer.train()
+    logged = next(entry for entry in trainer.state.log_history if "loss" in entry)
+    assert {"task_loss", "router_loss", "area_entropy/layers.0",
+            "area_max_share/layers.1"} <= set(logged)
+
+
+def test_evaluation_reports_accuracy_and_usage_fractions(tmp_path):
+    dataset = toy_dataset()
+    trainer = SALTrainer(model=tiny_mlp(num_areas=2), args=arguments(tmp_path),
+                         train_dataset=dataset)
+    metrics = trainer.evaluate(dataset)
+    assert 0.0 <= metrics["eval_accuracy"] <= 1.0
+    assert set(trainer.last_area_usage) == {"layers.0", "layers.1"}
+    for fractions in trainer.last_area_usage.values():
+        assert len(fractions) == 2 and sum(fractions) == pytest.approx(1.0)
+
+
+def test_resume_from_checkpoint_continues_the_same_run(tmp_path):
+    def run(folder, max_steps, resume=None):
+        torch.manual_seed(0)
+        model = tiny_mlp(num_areas=2)
+        args = arguments(folder, max_steps=max_steps, save_strategy="steps", save_steps=3,
+                         lr_scheduler_type="constant")
+        trainer = SALTrainer(model=model, args=args, train_dataset=toy_dataset())
+        trainer.train(resume_from_checkpoint=resume)
+        return model.state_dict()
+
+    straight = run(tmp_path / "straight", 6)
+    run(tmp_path / "interrupted", 3)
+    resumed = run(tmp_path / "interrupted", 6, resume=str(tmp_path / "interrupted/checkpoint-3"))
+    for name, tensor in straight.items():
+        torch.testing.assert_close(resumed[name], tensor, rtol=1e-6, atol=1e-7, msg=name)
