@@ -155,7 +155,7 @@ class SALController(nn.Module):
             parameter = next(self._regions[0].module.parameters(), None)
             self.feedback.reset_frozen_buffers(parameter.device if parameter is not None else None)
 
-    # Hooks -------------------------------------------------------------------------------------
+
 
     def _install_hooks(self) -> None:
         self._handles = []
@@ -231,7 +231,7 @@ class SALController(nn.Module):
         logits = FeedbackTap.apply(self.feedback, areas, _first_tensor(output), *hidden)
         return _replace_first(output, logits)
 
-    # Router loss and usage ----------------------------------------------------------------------
+
 
     def router_loss(self) -> torch.Tensor | None:
         """Sum of the routers' local losses from the last training forward pass, then cleared.

@@ -3,9 +3,9 @@
 import numpy as np
 import torch
 import torch.nn.functional as F
+from helpers import tiny_mlp
 
 from sal_hf import get_controller
-from helpers import tiny_mlp
 
 
 def numpy_routing(router, inputs: np.ndarray) -> np.ndarray:
