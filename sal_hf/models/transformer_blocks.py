@@ -1,0 +1,116 @@
+"""What the transformer handlers (GPT-2, Llama, BERT, ViT) share: upcycling a block's MLP into
+area layers and describing blocks and embeddings as regions.
+
+Every transformer family is converted the same way:
+
+- the embedding output is a region with no area layers and `detach_input=False` (its input is
+  token ids or pixels), so the embedding tables learn from their own feedback;
+- every block is a region of width `hidden_size`: its input is detached, its router reads that
+  input, and its MLP's dense layers become `AreaLinear`s whose areas are copies of the originals;
+- the head learns from its true local gradient (the handler names where it starts and ends).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from ..areas import AreaLinear
+from ..config import SALConfig
+from ..conversion import upcycle_linear
+from ..regions import RegionSpec
+
+__all__ = [
+    "block_regions",
+    "embedding_region",
+    "replace_with_areas",
+    "upcycle_conv1d",
+    "upcycle_dense",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def upcycle_conv1d(conv: Conv1D, sal_config: SALConfig) -> AreaLinear:
+    """An `AreaLinear` whose every area is a copy of GPT-2's `Conv1D`.
+
+    `Conv1D` computes `x @ weight + bias` with `weight` `[in, out]`; an area stores `[out, in]`,
+    so the weight is transposed.
+    """
+    bias = None if conv.bias is None else conv.bias.data
+    return AreaLinear.from_dense(
+        conv.weight.data.T, bias, sal_config.num_areas, sal_config.shared_path
+    )
+
+
+def upcycle_dense(layer: nn.Module, sal_config: SALConfig) -> AreaLinear:
+    """Upcycle an `nn.Linear` or a `Conv1D` into an `AreaLinear` computing the same function."""
+    if isinstance(layer, nn.Linear):
+        return upcycle_linear(layer, sal_config)
+    if isinstance(layer, Conv1D):
+        return upcycle_conv1d(layer, sal_config)
+    raise ValueError(
+        f"Cannot turn a {type(layer).__name__} into an area layer: only nn.Linear and "
+        "transformers' Conv1D are supported. Check the layer names the handler upcycles."
+    )
+
+
+def _resolve_parent(root: nn.Module, dotted_name: str) -> tuple[nn.Module, str]:
+    parent_name, _, leaf = dotted_name.rpartition(".")
+    try:
+        root.get_submodule(dotted_name)
+    except AttributeError as error:
+        raise ValueError(
+            f"{type(root).__name__} has no submodule {dotted_name!r}; the handler expects the "
+            "layout of this architecture in the installed transformers version."
+        ) from error
+    return root.get_submodule(parent_name), leaf
+
+
+def replace_with_areas(
+    block: nn.Module, dense_names: Sequence[str], sal_config: SALConfig
+) -> list[AreaLinear]:
+    """Replace the dense layers `dense_names` (dotted, relative to `block`) by area layers.
+
+    Returns the new area layers in the order given.
+    """
+    area_layers = []
+    for dotted_name in dense_names:
+        parent, leaf = _resolve_parent(block, dotted_name)
+        area_layer = upcycle_dense(getattr(parent, leaf), sal_config)
+        setattr(parent, leaf, area_layer)
+        area_layers.append(area_layer)
+    return area_layers
+
+
+def block_regions(
+    blocks: Sequence[nn.Module],
+    prefix: str,
+    width: int,
+    dense_names: Sequence[str],
+    sal_config: SALConfig,
+) -> list[RegionSpec]:
+    """One region per block, named `f"{prefix}.{index}"`, with its MLP upcycled into areas.
+
+    Each block must be called with its hidden states as first positional argument or as
+    `hidden_states=`, and return them (alone, or first in a tuple): the region hooks detach that
+    input and record that output.
+    """
+    # Limitation: a block routes whatever tokens it is called with. During cached generation
+    # that is only the new tokens, so per-sample routing there can differ from routing the
+    # full sequence once the areas have been trained apart.
+    regions = []
+    for index, block in enumerate(blocks):
+        area_layers = replace_with_areas(block, dense_names, sal_config)
+        regions.append(RegionSpec(f"{prefix}.{index}", block, width, area_layers))
+    logger.debug("Upcycled %s of %d blocks under %s.", list(dense_names), len(regions), prefix)
+    return regions
+
+
+def embedding_region(name: str, module: nn.Module, width: int) -> RegionSpec:
+    """The region whose output is the embeddings fed to the first block (no area layers)."""
+    return RegionSpec(name, module, width, detach_input=False)
+
