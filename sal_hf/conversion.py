@@ -117,7 +117,9 @@ def convert_to_sal(model: nn.Module, sal_config: SALConfig | None = None) -> nn.
     with torch.no_grad():
         layout = handler.build_layout(model, sal_config)
     sal_config = _resolve_feedback_rank(sal_config, layout.num_outputs)
-    model.add_module("sal_controller", SALController(sal_config, layout))
+    controller = SALController(sal_config, layout)
+    controller.train(model.training)  # follow the model's mode, as any new submodule should
+    model.add_module("sal_controller", controller)
     if hasattr(model, "config"):
         model.config.sal_config = sal_config.to_dict()
         model.config.sal_architecture = handler.name

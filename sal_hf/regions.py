@@ -124,12 +124,18 @@ class SALController(nn.Module):
                 prototype_loss_weight=cfg.prototype_loss_weight,
                 momentum=cfg.router_momentum,
             )
-        reference = next((r.module for r in self._regions), None)
-        parameter = next(reference.parameters(), None) if reference is not None else None
-        if parameter is not None:
-            for router in routers.values():
-                router.to(device=parameter.device)
+        for router in routers.values():
+            router.to(device=self._device())
         return routers
+
+    def _device(self) -> torch.device:
+        """Where the model's parameters are (a region may have none, e.g. a dropout)."""
+        modules = [region.module for region in self._regions] + list(self._head)
+        for module in modules:
+            parameter = next(module.parameters(), None)
+            if parameter is not None:
+                return parameter.device
+        return torch.device("cpu")
 
     def _build_feedback(self, cfg: SALConfig, num_outputs: int) -> DirectFeedback | None:
         if not cfg.uses_feedback:
@@ -138,7 +144,7 @@ class SALController(nn.Module):
             cfg.num_areas if cfg.feedback == "area" and str(i) in self.routers else 1
             for i in range(len(self._regions))
         ]
-        return DirectFeedback(
+        feedback = DirectFeedback(
             num_outputs,
             [region.width for region in self._regions],
             areas_per_region,
@@ -146,14 +152,14 @@ class SALController(nn.Module):
             scale=cfg.feedback_scale,
             seed=cfg.seed,
         )
+        return feedback.to(self._device())
 
     def reset_frozen_buffers(self) -> None:
         """Regenerate prototypes and feedback matrices from the seed on the current device."""
         for router in self.routers.values():
             router.reset_frozen_buffers()
         if self.feedback is not None:
-            parameter = next(self._regions[0].module.parameters(), None)
-            self.feedback.reset_frozen_buffers(parameter.device if parameter is not None else None)
+            self.feedback.reset_frozen_buffers(self._device())
 
 
 
