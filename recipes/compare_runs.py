@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
-from sal_hf.reporting import plot_learning_curves
+from sal_hf.reporting import plot_learning_curves, run_label, usage_summary
 
 
 def load_run(folder: Path) -> tuple[dict, list[dict]]:
@@ -23,23 +22,6 @@ def load_run(folder: Path) -> tuple[dict, list[dict]]:
     state_file = folder / "trainer_state.json"
     history = json.loads(state_file.read_text())["log_history"] if state_file.is_file() else []
     return results, history
-
-
-def run_label(results: dict) -> str:
-    if results["method"] == "sal":
-        return f"SAL-{results['num_areas']}"
-    if results["method"] == "bp" and results.get("bp_recipe") == "paper":
-        return "BP (paper recipe)"
-    return results["method"].upper()
-
-
-def usage_summary(results: dict) -> str:
-    """Per SAL layer: normalised usage entropy and the largest area share on the test set."""
-    parts = []
-    for layer, fractions in results.get("area_usage", {}).items():
-        entropy = -sum(f * math.log(f) for f in fractions if f > 0) / math.log(len(fractions))
-        parts.append(f"{layer}: H/logK={entropy:.3f} max={max(fractions):.3f}")
-    return "; ".join(parts) if parts else "one area"
 
 
 def format_table(runs: list[dict]) -> str:

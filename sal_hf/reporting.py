@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 import threading
@@ -12,7 +13,14 @@ from typing import Any
 
 import torch
 
-__all__ = ["PeakMemory", "distributed_info", "write_results", "plot_learning_curves"]
+__all__ = [
+    "PeakMemory",
+    "distributed_info",
+    "plot_learning_curves",
+    "run_label",
+    "usage_summary",
+    "write_results",
+]
 
 
 def _rss_bytes() -> int:
@@ -144,3 +152,20 @@ def plot_learning_curves(
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return path
+
+
+def run_label(results: dict) -> str:
+    if results["method"] == "sal":
+        return f"SAL-{results['num_areas']}"
+    if results["method"] == "bp" and results.get("bp_recipe") == "paper":
+        return "BP (paper recipe)"
+    return results["method"].upper()
+
+
+def usage_summary(results: dict) -> str:
+    """Per SAL layer: normalised usage entropy and the largest area share on the test set."""
+    parts = []
+    for layer, fractions in results.get("area_usage", {}).items():
+        entropy = -sum(f * math.log(f) for f in fractions if f > 0) / math.log(len(fractions))
+        parts.append(f"{layer}: H/logK={entropy:.3f} max={max(fractions):.3f}")
+    return "; ".join(parts) if parts else "one area"

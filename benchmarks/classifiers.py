@@ -1,0 +1,164 @@
+"""Benchmark: SAL beside tuned BP, DFA and the paper's BP recipe on real image data sets.
+
+    python benchmarks/classifiers.py                 # every run (about an hour on 2 CPU cores)
+    python benchmarks/classifiers.py --only mnist    # one data set
+    python benchmarks/classifiers.py --quick         # a smoke run on a few hundred rows
+
+Each run is `recipes/train_classifier.py` under `accelerate launch` (same model: 2 hidden layers of
+256, ReLU). Then SAL's and BP's step time and peak memory are measured in one process, steps
+interleaved. Writes `benchmarks/results/classifiers.json` and the tables in `docs/results.md`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from results_doc import replace_section  # benchmarks/ is on the path when run as a script
+
+from sal_hf import MLPClassifierConfig, MLPForImageClassification, SALConfig, convert_to_sal
+from sal_hf.reporting import PeakMemory, run_label, usage_summary, write_results
+
+ROOT = Path(__file__).resolve().parents[1]
+
+RESULTS_FILE = ROOT / "benchmarks" / "results" / "classifiers.json"
+EPOCHS = {"mnist": 15, "fashion_mnist": 15, "digits": 60}
+TARGETS = {  # from the project's issue; the paper's figures for reference
+    ("mnist", "sal"): 0.975, ("mnist", "bp"): 0.980,
+    ("fashion_mnist", "sal"): 0.88, ("digits", "sal"): 0.96,
+}
+PAPER = {("mnist", "sal"): 94.71, ("mnist", "paper"): 90.64, ("digits", "sal"): 71.63,
+         ("digits", "paper"): 38.53}
+
+
+def planned_runs(datasets: list[str]) -> list[tuple[str, list[str]]]:
+    runs = []
+    for dataset in datasets:
+        epochs = ["--num_train_epochs", str(EPOCHS[dataset])]
+        runs.append((f"{dataset}-sal16", ["--dataset", dataset, "--method", "sal", *epochs]))
+        runs.append((f"{dataset}-bp", ["--dataset", dataset, "--method", "bp", *epochs]))
+        runs.append((f"{dataset}-dfa", ["--dataset", dataset, "--method", "dfa", *epochs]))
+    if "mnist" in datasets:
+        runs.append(("mnist-bp-paper", ["--dataset", "mnist", "--method", "bp",
+                                        "--bp_recipe", "paper"]))
+    return runs
+
+
+def launch(name: str, arguments: list[str], output_root: Path, quick: bool) -> dict:
+    output_dir = output_root / name
+    command = [
+        str(Path(sys.executable).parent / "accelerate"), "launch",
+        "--config_file", "accelerate_configs/cpu.yaml", "recipes/train_classifier.py",
+        *arguments, "--output_dir", str(output_dir), "--disable_tqdm", "true",
+    ]
+    if quick:
+        command += ["--limit", "512", "--max_steps", "8"]
+    print(f"[{name}] {' '.join(command[1:])}", flush=True)
+    started = time.time()
+    subprocess.run(command, cwd=ROOT, check=True)
+    results = json.loads((output_dir / "results.json").read_text())
+    results["run"] = name
+    results["command"] = " ".join(["accelerate", *command[1:]])
+    results["wall_time_s"] = round(time.time() - started, 1)
+    print(f"[{name}] test accuracy {results['test_accuracy']:.4f}", flush=True)
+    return results
+
+
+def step_cost(steps: int = 60, batch_size: int = 128) -> dict:
+    """Step time and peak memory of SAL-16 and BP on the same MLP, measured in one process."""
+    torch.manual_seed(0)
+    inputs, labels = torch.randn(batch_size, 784), torch.randint(0, 10, (batch_size,))
+    models, optimizers = {}, {}
+    for method in ("sal", "bp"):
+        config = MLPClassifierConfig(hidden_size=256, num_layers=2, num_labels=10)
+        model = convert_to_sal(MLPForImageClassification(config), SALConfig(method=method)).train()
+        models[method] = model
+        optimizers[method] = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    timings = {method: [] for method in models}
+    memory = {}
+    for step in range(steps + 5):  # interleaved, so both see the same machine load
+        for method, model in models.items():
+            with PeakMemory() as peak:
+                started = time.perf_counter()
+                output = model(pixel_values=inputs, labels=labels)
+                loss = output.loss
+                router_loss = model.sal_controller.router_loss()
+                (loss if router_loss is None else loss + router_loss).backward()
+                optimizers[method].step()
+                optimizers[method].zero_grad(set_to_none=True)
+                elapsed = time.perf_counter() - started
+            if step >= 5:
+                timings[method].append(elapsed)
+                memory[method] = max(memory.get(method, 0.0), peak.peak_increase_mb)
+    median = {m: sorted(t)[len(t) // 2] * 1000 for m, t in timings.items()}
+    return {
+        "batch_size": batch_size, "steps": steps,
+        "sal16_step_ms": round(median["sal"], 3), "bp_step_ms": round(median["bp"], 3),
+        "step_time_ratio_sal_over_bp": round(median["sal"] / median["bp"], 3),
+        "sal16_peak_step_memory_mb": round(memory["sal"], 2),
+        "bp_peak_step_memory_mb": round(memory["bp"], 2),
+        "peak_memory_ratio_sal_over_bp": round(memory["sal"] / max(memory["bp"], 1e-6), 3),
+        "memory_measure": "rise of resident memory during one step over the step's start (CPU)",
+    }
+
+
+def markdown_tables(runs: list[dict], cost: dict) -> str:
+    lines = ["| data set | run | test accuracy | target | paper | epochs | train time s | "
+             "step ms | peak MB | params | area usage (test) |", "|" + "---|" * 11]
+    for r in runs:
+        kind = "paper" if r.get("bp_recipe") == "paper" else r["method"]
+        target = TARGETS.get((r["dataset"], kind))
+        paper = PAPER.get((r["dataset"], kind))
+        lines.append(
+            f"| {r['dataset']} | {run_label(r)} | {100 * r['test_accuracy']:.2f}% | "
+            f"{'' if target is None else f'>= {100 * target:.1f}%'} | "
+            f"{'' if paper is None else f'{paper:.2f}%'} | {r['epochs']:g} | "
+            f"{r['train_runtime_s']:.0f} | {r['step_time_ms']:.2f} | {r['peak_memory_mb']:.0f} | "
+            f"{r['total_parameters'] / 1e6:.2f}M | {usage_summary(r)} |"
+        )
+    lines += [
+        "", "Step cost on the same model, measured in one process (batch "
+        f"{cost['batch_size']}, median of {cost['steps']} interleaved steps):", "",
+        "| | SAL-16 | BP | SAL / BP |", "|---|---|---|---|",
+        f"| step time ms | {cost['sal16_step_ms']} | {cost['bp_step_ms']} | "
+        f"{cost['step_time_ratio_sal_over_bp']} |",
+        f"| peak step memory MB | {cost['sal16_peak_step_memory_mb']} | "
+        f"{cost['bp_peak_step_memory_mb']} | {cost['peak_memory_ratio_sal_over_bp']} |",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="*", choices=sorted(EPOCHS), default=sorted(EPOCHS))
+    parser.add_argument("--quick", action="store_true", help="smoke run; writes no results")
+    parser.add_argument("--output_root", type=Path, default=ROOT / "outputs" / "benchmarks")
+    options = parser.parse_args(argv)
+    runs = [launch(name, arguments, options.output_root, options.quick)
+            for name, arguments in planned_runs(options.only)]
+    cost = step_cost(steps=5 if options.quick else 60)
+    if options.quick:
+        print(markdown_tables(runs, cost))
+        return
+    document = {
+        "benchmark": "classifiers", "command": "python benchmarks/classifiers.py "
+        + " ".join(argv), "date": datetime.date.today().isoformat(),
+        "git_commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                                     capture_output=True, text=True).stdout.strip(),
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} "
+        "threads", "runs": runs, "step_cost": cost,
+    }
+    write_results(RESULTS_FILE, document)
+    replace_section("classifiers", markdown_tables(runs, cost), document["command"])
+    print(markdown_tables(runs, cost))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,98 @@
+"""The classifier recipe: a real `accelerate launch` run, its results file, and its errors."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sal_hf import AutoSALModelForImageClassification
+
+ROOT = Path(__file__).resolve().parents[1]
+ACCELERATE = str(Path(sys.executable).parent / "accelerate")
+
+
+def load_recipe(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "recipes" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("digits-sal")
+    command = [
+        ACCELERATE, "launch", "--config_file", "accelerate_configs/cpu.yaml",
+        "recipes/train_classifier.py", "--dataset", "digits", "--method", "sal",
+        "--num_areas", "4", "--max_steps", "6", "--limit", "200", "--output_dir",
+        str(output_dir), "--disable_tqdm", "true",
+    ]
+    subprocess.run(command, cwd=ROOT, check=True, timeout=300)
+    return output_dir, json.loads((output_dir / "results.json").read_text())
+
+
+def test_results_file_has_every_documented_field(digits_run):
+    _, results = digits_run
+    required = {"dataset", "method", "num_areas", "num_layers", "test_accuracy", "epochs",
+                "train_runtime_s", "peak_memory_mb", "area_usage", "distributed_type",
+                "zero_stage", "num_processes", "seed"}
+    assert required <= set(results)
+    assert (results["dataset"], results["method"], results["num_areas"]) == ("digits", "sal", 4)
+    assert 0.0 <= results["test_accuracy"] <= 1.0
+    assert results["distributed_type"] == "NO" and results["num_processes"] == 1
+
+
+def test_area_usage_is_a_distribution_per_sal_layer(digits_run):
+    _, results = digits_run
+    assert set(results["area_usage"]) == {"layers.0", "layers.1"}
+    for fractions in results["area_usage"].values():
+        assert len(fractions) == 4 and sum(fractions) == pytest.approx(1.0)
+
+
+def test_run_writes_learning_curves_and_a_loadable_checkpoint(digits_run):
+    output_dir, results = digits_run
+    assert (output_dir / results["learning_curves"]).read_bytes()[:4] == b"\x89PNG"
+    model = AutoSALModelForImageClassification.from_pretrained(output_dir)
+    logits = model(pixel_values=torch.zeros(2, 64)).logits
+    assert logits.shape == (2, 10)
+
+
+def test_paper_recipe_sets_the_papers_optimizer():
+    recipe = load_recipe("train_classifier")
+    _, training_args = recipe.parse_arguments(
+        ["--method", "bp", "--bp_recipe", "paper", "--output_dir", "unused"]
+    )
+    assert str(training_args.optim).endswith("sgd") or training_args.optim == "sgd"
+    assert (training_args.learning_rate, training_args.per_device_train_batch_size,
+            training_args.num_train_epochs) == (1e-4, 16, 25)
+
+
+def test_paper_recipe_with_sal_is_refused(capsys):
+    recipe = load_recipe("train_classifier")
+    with pytest.raises(SystemExit):
+        recipe.parse_arguments(["--method", "sal", "--bp_recipe", "paper", "--output_dir", "x"])
+    assert "Use --method bp" in capsys.readouterr().err
+
+
+def test_unknown_dataset_lists_the_supported_ones(tmp_path):
+    recipe = load_recipe("train_classifier")
+    with pytest.raises(SystemExit, match=r"--dataset 'cifar10' is unknown.*mnist"):
+        recipe.main(["--dataset", "cifar10", "--output_dir", str(tmp_path)])
+
+
+def test_unknown_method_names_the_allowed_ones(tmp_path):
+    recipe = load_recipe("train_classifier")
+    with pytest.raises(ValueError, match=r"method='ff' is not supported.*'sal', 'dfa', 'bp'"):
+        recipe.main(["--dataset", "digits", "--method", "ff", "--output_dir", str(tmp_path)])
+
+
+def test_missing_dataset_says_how_to_install_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("SAL_HF_FASHION_MNIST_DIR", str(tmp_path / "empty"))
+    recipe = load_recipe("train_classifier")
+    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
+        recipe.main(["--dataset", "fashion_mnist", "--output_dir", str(tmp_path)])
