@@ -7,6 +7,11 @@ The weights differ from the base model's: area layers are `[num_areas, out, in]`
 under `sal_controller` add their projections and running means. Prototypes and feedback matrices
 are not saved: they are regenerated from the seed in `sal_config`.
 
+`save_pretrained` writes some architectures under older key names than their modules have (a
+ViT's `vit.layers.0.mlp.fc1` as `vit.encoder.layer.0.intermediate.dense`): transformers' conversion
+mapping renames them on save and back on load. Loading here applies the same mapping, through
+transformers' own functions, so a checkpoint loads under the names `from_pretrained` would give it.
+
 The `AutoSALModelFor*` classes rebuild such a model: the base architecture from its config,
 `convert_to_sal` with the saved settings, then the weights, checked in full before any of them
 is loaded. Loading never unpickles: `.bin`/`.pt` weights are refused.
@@ -14,6 +19,7 @@ is loaded. Loading never unpickles: `.bin`/`.pt` weights are refused.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -33,6 +39,17 @@ from transformers import (
     AutoModelForImageClassification,
     AutoModelForSequenceClassification,
     PreTrainedConfig,
+    conversion_mapping,
+)
+
+# Limitation: `core_model_loading` is internal to transformers (what its `from_pretrained` and
+# `save_pretrained` use to rename keys); a transformers release may move these names.
+from transformers.core_model_loading import (
+    WeightConverter,
+    WeightRenaming,
+    WeightTransform,
+    dot_natural_key,
+    rename_source_key,
 )
 
 from . import models  # noqa: F401  (registers the model families' configs with AutoConfig)
@@ -177,6 +194,130 @@ def _read_weights(files: list[Path]) -> tuple[dict[str, torch.Tensor], dict[str,
         state_dict.update(tensors)
         origin.update(dict.fromkeys(tensors, file.name))
     return state_dict, origin
+
+
+def _area_parameter_names(model: nn.Module) -> set[str]:
+    """The state-dict keys of the area layers' stacked `[num_areas, ...]` parameters."""
+    return {
+        f"{name}.{parameter_name}"
+        for name, module in model.named_modules()
+        if isinstance(module, AreaLinear)
+        for parameter_name, _ in module.named_parameters(recurse=False)
+    }
+
+
+def _to_model_names(
+    model: nn.Module, state_dict: Mapping[str, torch.Tensor], origin: Mapping[str, str]
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The checkpoint's tensors under the model's state-dict keys, and where each came from.
+
+    Each key goes through transformers' conversion mapping as in `from_pretrained`: every
+    renaming, then at most one converter. A key the model already has is kept when renaming
+    would lose it (weights saved with `save_original_format=False`). Keys that fit no parameter
+    keep their (renamed) key and are reported by `_weight_problems`.
+    """
+    transforms = conversion_mapping.get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    by_pattern = {pattern: c for c in converters for pattern in c.source_patterns}
+    prefix, expected = model.base_model_prefix, model.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    where: dict[str, str] = {}
+    pending: dict[str, WeightConverter] = {}
+    for key in sorted(state_dict, key=dot_natural_key):
+        name, pattern = rename_source_key(key, renamings, converters, prefix, expected)
+        if name not in expected and key in expected:
+            name, pattern = rename_source_key(key, [], [], prefix, expected)
+        if pattern is not None and name in expected:
+            converter = pending.setdefault(name, copy.deepcopy(by_pattern[pattern]))
+            converter.add_tensor(name, key, pattern, state_dict[key])
+            continue
+        saved_as = origin[key] if name == key else f"{origin[key]} (as {key!r})"
+        _place(tensors, where, name, state_dict[key], saved_as)
+
+    area_names = _area_parameter_names(model)
+    for name, converter in pending.items():
+        sources = sorted(set().union(*converter.layer_targets.values()))
+        saved_as = f"{origin[sources[0]]} (as {', '.join(map(repr, sources))})"
+        for target, tensor in _convert(model, name, converter, sources, area_names).items():
+            _place(tensors, where, target, tensor, saved_as)
+    # As `from_pretrained` does: `save_pretrained` then reverses the transforms used here.
+    model._weight_conversions = [t for t in transforms if t.was_used()]
+    return tensors, where
+
+
+def _place(
+    tensors: dict[str, torch.Tensor],
+    where: dict[str, str],
+    name: str,
+    tensor: torch.Tensor,
+    saved_as: str,
+) -> None:
+    if name in tensors:
+        raise SALCheckpointError(
+            f"{where[name]} and {saved_as} both load into {name!r}: the checkpoint holds that "
+            "weight twice, under two names. Save the model again."
+        )
+    tensors[name] = tensor
+    where[name] = saved_as
+
+
+def _convert(
+    model: nn.Module,
+    name: str,
+    converter: WeightConverter,
+    sources: list[str],
+    area_names: set[str],
+) -> dict[str, torch.Tensor]:
+    """Apply one of transformers' converters (a fuse, split or transpose) to the checkpoint
+    tensors `sources` it collected for `name`; refused where it would produce area weights."""
+    operations = ", ".join(type(operation).__name__ for operation in converter.operations)
+    if name in area_names:
+        raise _area_conversion_error(model, sources, [name], operations)
+    try:
+        converted = converter.convert(name, model=model, config=model.config)
+    except (RuntimeError, ValueError, TypeError, IndexError, KeyError) as error:
+        raise SALCheckpointError(
+            f"transformers' conversion ({operations}) of {sources[:_SHOWN]} into {name!r} failed "
+            f"({type(error).__name__}: {error}). Save the model again, with "
+            "model.save_pretrained(folder, save_original_format=False)."
+        ) from error
+    tensors = {key: t[0] if isinstance(t, list) else t for key, t in converted.items()}
+    touched = sorted(set(tensors) & area_names)
+    if touched:
+        raise _area_conversion_error(model, sources, touched, operations)
+    return tensors
+
+
+def _area_conversion_error(
+    model: nn.Module, sources: list[str], targets: list[str], operations: str
+) -> SALCheckpointError:
+    return SALCheckpointError(
+        f"transformers' conversion mapping for {type(model).__name__} loads {sources[:_SHOWN]} "
+        f"into the area weights {targets[:_SHOWN]} through {operations}. Those operations are "
+        "written for one layer's [out, in] weight; an area weight is [num_areas, out, in], whose "
+        "first dimension they would treat as features, so sal_hf does not apply them. Save the "
+        "SAL model with model.save_pretrained(folder, save_original_format=False), which writes "
+        "every weight unconverted under its module name (prepare_for_hub does so for such "
+        "models), and load that folder."
+    )
+
+
+def _saving_converts_area_weights(model: nn.Module) -> bool:
+    """Whether `save_pretrained` in its default (original) format would pass an area weight
+    through one of transformers' converters, writing a checkpoint `_convert` refuses."""
+    transforms: list[WeightTransform] | None = getattr(model, "_weight_conversions", None)
+    if transforms is None:
+        transforms = conversion_mapping.get_model_conversion_mapping(model, add_legacy=False)
+    # On save, converters see the model's own keys, before any renaming.
+    reversed_converters = [
+        t.reverse_transform() for t in transforms if isinstance(t, WeightConverter)
+    ]
+    return any(
+        converter.rename_source_key(name)[1] is not None
+        for converter in reversed_converters
+        for name in _area_parameter_names(model)
+    )
 
 
 def _alias_groups(model: nn.Module) -> dict[str, set[str]]:
@@ -338,6 +479,7 @@ class _AutoSALModel:
         cls._check_builds(config, folder)
         state_dict, origin = _read_weights(_weight_files(folder))
         model = _build_sal_model(cls._auto_class, config, dtype, folder)
+        state_dict, origin = _to_model_names(model, state_dict, origin)
         _load_checked(model, state_dict, origin, folder, keep_saved_dtypes=dtype is None)
         logger.info("Loaded SAL %s from %s.", type(model).__name__, folder)
         return _finish(model, device)
@@ -489,8 +631,17 @@ def prepare_for_hub(
     folder, e.g. `huggingface_hub.upload_folder(repo_id=repo_id, folder_path=folder)`.
     `model.push_to_hub(repo_id)` uploads the same config and weights; it keeps a README already
     in the repo, and otherwise writes transformers' generic card instead of this one.
+    Where transformers' conversion mapping would reshape area weights on save, the weights are
+    saved unconverted (`save_original_format=False`) unless `save_kwargs` says otherwise.
     """
     _require_sal_model(model)
+    if "save_original_format" not in save_kwargs and _saving_converts_area_weights(model):
+        logger.info(
+            "Saving %s with save_original_format=False: transformers' conversion mapping would "
+            "reshape its area weights.",
+            type(model).__name__,
+        )
+        save_kwargs["save_original_format"] = False
     model.save_pretrained(folder, **save_kwargs)
     write_model_card(model, folder, repo_id=repo_id)
     return Path(folder)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import socket
@@ -11,7 +12,15 @@ import huggingface_hub.constants
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
+from transformers import (
+    GPT2Config,
+    GPT2ForSequenceClassification,
+    GPT2LMHeadModel,
+    ViTConfig,
+    ViTForImageClassification,
+    conversion_mapping,
+)
+from transformers.core_model_loading import Transpose, WeightConverter
 
 import sal_hf
 from sal_hf import (
@@ -307,6 +316,127 @@ def test_gpt2_classifier_through_the_causal_lm_class_is_refused(tmp_path):
         AutoSALModelForCausalLM.from_pretrained(tmp_path)
     loaded = AutoSALModelForSequenceClassification.from_pretrained(tmp_path)
     assert type(loaded) is GPT2ForSequenceClassification
+
+
+@pytest.fixture
+def tiny_vit() -> ViTForImageClassification:
+    config = ViTConfig(
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        image_size=8,
+        patch_size=4,
+        num_channels=1,
+        num_labels=3,
+    )
+    model = ViTForImageClassification(config)
+    return _scramble(convert_to_sal(model, SALConfig(num_areas=4, routing_dim=4)))
+
+
+def _images() -> torch.Tensor:
+    return torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(4))
+
+
+@pytest.fixture
+def extra_converter(monkeypatch):
+    """Add a weight converter to transformers' conversion mapping, for saving and loading."""
+    original = conversion_mapping.get_model_conversion_mapping
+
+    def install(converter: WeightConverter) -> None:
+        def with_converter(model, *args, **kwargs):
+            return [*original(model, *args, **kwargs), copy.deepcopy(converter)]
+
+        monkeypatch.setattr(conversion_mapping, "get_model_conversion_mapping", with_converter)
+
+    return install
+
+
+def test_vit_checkpoint_holds_area_weights_under_the_legacy_names(tiny_vit, tmp_path):
+    tiny_vit.save_pretrained(tmp_path)
+    written = load_file(tmp_path / "model.safetensors")
+    layer = "vit.encoder.layer.1"
+    fc1 = tiny_vit.vit.layers[1].mlp.fc1.weight
+    assert torch.equal(written[f"{layer}.intermediate.dense.weight"], fc1)
+    assert written[f"{layer}.output.dense.bias"].shape == (4, 16)
+    assert f"{layer}.attention.attention.query.weight" in written
+    assert not any(key.startswith("vit.layers.") for key in written)
+    sal_keys = {key for key in tiny_vit.state_dict() if key.startswith("sal_controller.")}
+    assert sal_keys == {key for key in written if key.startswith("sal_controller.")}
+
+
+def test_vit_round_trips_bit_for_bit_through_the_legacy_names(tiny_vit, tmp_path):
+    tiny_vit.save_pretrained(tmp_path)
+    loaded = AutoSALModelForImageClassification.from_pretrained(tmp_path)
+    _assert_same_tensors(loaded, tiny_vit)
+    with torch.no_grad():
+        assert torch.equal(loaded(_images()).logits, tiny_vit(_images()).logits)
+
+
+def test_vit_saved_under_its_module_names_loads_too(tiny_vit, tmp_path):
+    tiny_vit.save_pretrained(tmp_path, save_original_format=False)
+    assert "vit.layers.0.mlp.fc1.weight" in load_file(tmp_path / "model.safetensors")
+    _assert_same_tensors(AutoSALModelForImageClassification.from_pretrained(tmp_path), tiny_vit)
+
+
+@pytest.mark.parametrize("save_original_format", [True, False])
+def test_loaded_vit_saves_again_under_the_names_it_was_loaded_from(
+    tiny_vit, tmp_path, save_original_format
+):
+    tiny_vit.save_pretrained(tmp_path / "first", save_original_format=save_original_format)
+    loaded = AutoSALModelForImageClassification.from_pretrained(tmp_path / "first")
+    loaded.save_pretrained(tmp_path / "second")
+    first = load_file(tmp_path / "first" / "model.safetensors")
+    second = load_file(tmp_path / "second" / "model.safetensors")
+    assert second.keys() == first.keys()
+    assert all(torch.equal(second[key], first[key]) for key in first)
+
+
+def test_vit_shape_mismatch_names_the_model_key_and_the_saved_one(tiny_vit, tmp_path):
+    tiny_vit.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["sal_config"]["num_areas"] = 3
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SALCheckpointError) as error:
+        AutoSALModelForImageClassification.from_pretrained(tmp_path)
+    assert (
+        "'vit.layers.0.mlp.fc1.weight' is [4, 32, 16] in model.safetensors "
+        "(as 'vit.encoder.layer.0.intermediate.dense.weight') but the config gives [3, 32, 16]"
+    ) in str(error.value)
+
+
+def test_a_converter_on_a_plain_weight_is_applied_as_transformers_applies_it(
+    tiny_vit, tmp_path, extra_converter
+):
+    extra_converter(WeightConverter("classifier.weight_t", "classifier.weight", [Transpose()]))
+    tiny_vit.save_pretrained(tmp_path)
+    written = load_file(tmp_path / "model.safetensors")
+    assert torch.equal(written["classifier.weight_t"], tiny_vit.classifier.weight.T)
+    _assert_same_tensors(AutoSALModelForImageClassification.from_pretrained(tmp_path), tiny_vit)
+
+
+def test_a_converter_that_would_reshape_area_weights_is_refused(
+    tiny_vit, tmp_path, extra_converter
+):
+    extra_converter(WeightConverter("intermediate.dense_t.weight", "mlp.fc1.weight", [Transpose()]))
+    tiny_vit.save_pretrained(tmp_path)
+    # Transposed as if [out, in]: the areas end up in the middle, [32, 4, 16].
+    written = load_file(tmp_path / "model.safetensors")
+    assert written["vit.encoder.layer.0.intermediate.dense_t.weight"].shape == (32, 4, 16)
+    with pytest.raises(SALCheckpointError) as error:
+        AutoSALModelForImageClassification.from_pretrained(tmp_path)
+    message = str(error.value)
+    assert "into the area weights ['vit.layers.0.mlp.fc1.weight'] through Transpose" in message
+    assert "save_pretrained(folder, save_original_format=False)" in message
+
+
+def test_prepare_for_hub_saves_area_weights_unconverted_where_a_converter_would_reshape_them(
+    tiny_vit, tmp_path, extra_converter
+):
+    extra_converter(WeightConverter("intermediate.dense_t.weight", "mlp.fc1.weight", [Transpose()]))
+    folder = sal_hf.prepare_for_hub(tiny_vit, tmp_path / "hub")
+    assert "vit.layers.0.mlp.fc1.weight" in load_file(folder / "model.safetensors")
+    _assert_same_tensors(AutoSALModelForImageClassification.from_pretrained(folder), tiny_vit)
 
 
 def test_parameter_counts_count_one_area_per_area_layer_as_active():
