@@ -13,10 +13,15 @@ import math
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as dist_functional
 import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["Router", "make_prototypes", "usage_entropy"]
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def make_prototypes(num_areas: int, routing_dim: int, seed: int) -> torch.Tensor:
@@ -109,7 +114,7 @@ class Router(nn.Module):
     def _update_running_mean(self, projected: torch.Tensor) -> None:
         batch_sum = projected.sum(dim=0)
         count = torch.tensor(float(projected.shape[0]), device=projected.device)
-        if dist.is_available() and dist.is_initialized():
+        if _distributed():
             # Keep every rank's routing identical: all ranks run every router on every step.
             stacked = torch.cat([batch_sum, count.view(1)])
             dist.all_reduce(stacked)
@@ -119,6 +124,7 @@ class Router(nn.Module):
             if self.num_batches_tracked == 0:
                 self.running_mean.copy_(batch_mean)
             else:
+                batch_mean = batch_mean.to(self.running_mean.dtype)
                 self.running_mean.lerp_(batch_mean, 1.0 - self.momentum)
             self.num_batches_tracked += 1
 
@@ -127,7 +133,14 @@ class Router(nn.Module):
         chosen = similarity.gather(1, areas.unsqueeze(1)).squeeze(1)
         prototype_loss = (1.0 - chosen).mean()
         # Balance: KL divergence of the mean soft assignment from the uniform distribution.
-        mean_assignment = (similarity / self.temperature).softmax(dim=-1).mean(dim=0)
+        assignment_sum = (similarity / self.temperature).softmax(dim=-1).sum(dim=0)
+        count = torch.tensor(float(similarity.shape[0]), device=similarity.device)
+        if _distributed():
+            # The mean over the global batch, differentiably: with gradients averaged over
+            # ranks, this gives exactly the single-process gradient.
+            assignment_sum = dist_functional.all_reduce(assignment_sum)
+            dist.all_reduce(count)
+        mean_assignment = assignment_sum / count
         balance_loss = (mean_assignment * (mean_assignment * self.num_areas).log()).sum()
         return self.prototype_loss_weight * prototype_loss + self.balance_loss_weight * balance_loss
 

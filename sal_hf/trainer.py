@@ -11,6 +11,7 @@ classifiers are evaluated for accuracy.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -33,6 +34,21 @@ class SALTrainingArguments(TrainingArguments):
         default=True,
         metadata={"help": "Log, per SAL layer, the entropy and largest share of area usage."},
     )
+
+    def __post_init__(self) -> None:
+        several_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        if several_processes and self.ddp_backend is None and not torch.cuda.is_available():
+            # Without it, Accelerate under DeepSpeed's CPU accelerator sees one process per rank.
+            self.ddp_backend = "gloo"
+        # The router loss is not reachable from the model outputs, so DDP's unused-parameter
+        # search would mark router parameters ready twice; every parameter is used each step.
+        if self.ddp_find_unused_parameters is None:
+            self.ddp_find_unused_parameters = False
+        # Broadcasting buffers would copy rank 0's usage counts over the others and resend the
+        # fixed feedback matrices every step; routers keep their running means in step instead.
+        if self.ddp_broadcast_buffers is None:
+            self.ddp_broadcast_buffers = False
+        super().__post_init__()
 
 
 def accuracy_metrics(eval_prediction) -> dict[str, float]:
@@ -102,7 +118,9 @@ class SALTrainer(Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._loss_sums[2] > 0:
-            task, router, count = self._loss_sums.tolist()
+            # Every rank reaches this point (the Trainer gathers the loss just before).
+            sums = self.accelerator.reduce(self._loss_sums.to(self.args.device), reduction="sum")
+            task, router, count = sums.tolist()
             logs["task_loss"] = round(task / count, 6)
             if self.sal_controller.routers:
                 logs["router_loss"] = round(router / count, 6)

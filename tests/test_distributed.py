@@ -1,0 +1,323 @@
+"""SAL under Accelerate with two CPU processes: DDP, DeepSpeed ZeRO-2 and ZeRO-3.
+
+Every run is `accelerate launch --config_file accelerate_configs/cpu_*.yaml` of
+`tests/distributed_worker.py` (a few steps of a small SAL MLP on 256 real MNIST rows) with a
+timeout after which the launch and all its processes are killed, so a hang fails the test
+instead of blocking the suite. Runs are launched once, when a test first needs them, and shared
+by the tests of this module.
+
+Tolerance of the trajectory tests: `TRAJECTORY_RTOL = 1e-5`. With the same global batch, two
+processes differ from one only in the order of fp32 sums (each rank sums half the batch before
+the all-reduce; the routers' running mean adds two halves). Measured over 6 AdamW steps: at most
+2.3e-7 relative on the loss, 1e-6 absolute on `task_loss` (which SALTrainer logs rounded to 6
+decimals). The tolerance, about 4e-5 on losses near 4, leaves a 40x margin and stays two orders
+of magnitude below the smallest real fault measured: ranks computing the balance term on their
+own halves, or a different micro-batch split under gradient accumulation, move the loss by
+3e-3 after one step and by 1e-2 to 2e-1 after a few.
+
+Most trajectory runs set `balance_loss_weight=0` to isolate the rest of the update; one run with
+the balance term checks that the term is computed over the global batch (before it was, a
+per-rank balance term put the task loss 0.19 apart after 4 steps).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from sal_hf.checkpoint import AutoSALModelForImageClassification
+from sal_hf.export import _for_safetensors, export_zero_checkpoint
+
+pytestmark = pytest.mark.distributed
+
+REPO = Path(__file__).resolve().parents[1]
+WORKER = REPO / "tests" / "distributed_worker.py"
+# The `accelerate` of the running interpreter's environment, else the one on PATH.
+ACCELERATE = Path(sys.executable).with_name("accelerate")
+if not ACCELERATE.exists():
+    ACCELERATE = Path(shutil.which("accelerate") or "accelerate")
+# A run takes ~10 s; DeepSpeed builds its CPU communication op once per machine (~1 min).
+LAUNCH_TIMEOUT_S = 300
+TRAJECTORY_RTOL = 1e-5
+STEPS = 6
+NO_BALANCE = ["--balance_loss_weight", "0"]
+
+# name: (config, worker arguments). `{dir:NAME}` is the folder of run NAME.
+RUNS: dict[str, tuple[str, list[str]]] = {
+    "single": ("cpu", NO_BALANCE),
+    "ddp": ("cpu_ddp", NO_BALANCE),
+    "zero2": ("cpu_zero2", NO_BALANCE),
+    "zero3": (
+        "cpu_zero3",
+        [*NO_BALANCE, "--save_steps", "3", "--save_gathered", "{dir:zero3}/gathered.safetensors"],
+    ),
+    "zero3_resumed": (
+        "cpu_zero3",
+        [*NO_BALANCE, "--resume_from", "{dir:zero3}/trainer/checkpoint-3"],
+    ),
+    "single_accum": ("cpu", [*NO_BALANCE, "--grad_accum", "2"]),
+    "zero3_accum": ("cpu_zero3", [*NO_BALANCE, "--grad_accum", "2"]),
+    "ddp_forced": ("cpu_ddp", ["--force_rank_areas"]),
+    "zero3_forced": ("cpu_zero3", ["--force_rank_areas"]),
+    "single_balance": ("cpu", ["--logging_steps", "3"]),
+    "ddp_balance": ("cpu_ddp", ["--logging_steps", "3"]),
+}
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _environment(config: str) -> dict[str, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("ACCELERATE_USE_CPU", None)
+    if config == "cpu_ddp":
+        env["ACCELERATE_USE_CPU"] = "1"  # see accelerate_configs/cpu_ddp.yaml
+    return env
+
+
+def _kill_tree(pid: int) -> None:
+    """Kill a launch and every process under it (torchrun starts workers in new sessions)."""
+    parent = psutil.Process(pid)
+    for process in [*parent.children(recursive=True), parent]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+
+
+def _launch(config: str, args: list[str], folder: Path) -> dict[str, Any]:
+    """Run the worker under `config`; return its report. Kills the whole run on timeout."""
+    folder.mkdir(parents=True)
+    report = folder / "report.json"
+    command = [
+        str(ACCELERATE), "launch", "--config_file", f"accelerate_configs/{config}.yaml",
+        "--main_process_port", str(_free_port()), str(WORKER),
+        "--output", str(report), "--output_dir", str(folder / "trainer"),
+        "--max_steps", str(STEPS), *args,
+    ]
+    with open(folder / "log.txt", "w") as log:
+        process = subprocess.Popen(
+            command, cwd=REPO, env=_environment(config), stdout=log, stderr=subprocess.STDOUT
+        )
+        try:
+            code = process.wait(timeout=LAUNCH_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            _kill_tree(process.pid)
+            process.wait()
+            code = None
+    tail = (folder / "log.txt").read_text()[-4000:]
+    if code is None:
+        raise RuntimeError(f"{' '.join(command)} hung for {LAUNCH_TIMEOUT_S} s:\n{tail}")
+    if code != 0:
+        raise RuntimeError(f"{' '.join(command)} exited with {code}:\n{tail}")
+    return json.loads(report.read_text())
+
+
+class Runs:
+    """Launches each run of `RUNS` on first use and keeps its report."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.reports: dict[str, dict[str, Any]] = {}
+
+    def folder(self, name: str) -> Path:
+        return self.root / name
+
+    def __getitem__(self, name: str) -> dict[str, Any]:
+        if name not in self.reports:
+            config, args = RUNS[name]
+            resolved = []
+            for arg in args:
+                for other in RUNS:
+                    if "{dir:" + other + "}" in arg:
+                        if other != name:
+                            self[other]  # a run that this one reads from runs first
+                        arg = arg.replace("{dir:" + other + "}", str(self.folder(other)))
+                resolved.append(arg)
+            self.reports[name] = _launch(config, resolved, self.folder(name))
+        return self.reports[name]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
+    return Runs(tmp_path_factory.mktemp("distributed"))
+
+
+def _samples_per_step(report: dict[str, Any]) -> dict[str, list[tuple]]:
+    """Per step, the sorted fingerprints of every sample any rank used."""
+    steps: dict[str, list[tuple]] = {}
+    for rank in report["ranks"]:
+        for step, samples in rank["samples"].items():
+            steps.setdefault(step, []).extend(tuple(sample) for sample in samples)
+    return {step: sorted(samples) for step, samples in steps.items()}
+
+
+def _assert_same_trajectory(report: dict[str, Any], reference: dict[str, Any]) -> None:
+    assert _samples_per_step(report) == _samples_per_step(reference), "global batches differ"
+    assert list(report["steps"]) == list(reference["steps"])
+    for step, losses in reference["steps"].items():
+        for key in ("loss", "task_loss"):
+            assert report["steps"][step][key] == pytest.approx(
+                losses[key], rel=TRAJECTORY_RTOL
+            ), f"{key} at step {step}"
+
+
+EXPECTED_SETUP = {
+    "single": ("NO", None, 1, "sal_hf.models.mlp.MLPForImageClassification"),
+    "ddp": ("MULTI_CPU", None, 2, "torch.nn.parallel.distributed.DistributedDataParallel"),
+    "zero2": ("DEEPSPEED", 2, 2, "deepspeed.runtime.engine.DeepSpeedEngine"),
+    "zero3": ("DEEPSPEED", 3, 2, "deepspeed.runtime.engine.DeepSpeedEngine"),
+}
+
+
+@pytest.mark.parametrize("name", list(EXPECTED_SETUP))
+def test_config_runs_the_set_up_it_names(runs: Runs, name: str) -> None:
+    distributed_type, zero_stage, num_processes, wrapper = EXPECTED_SETUP[name]
+    info = runs[name]["distributed"]
+    assert info["distributed_type"] == distributed_type
+    assert info["zero_stage"] == zero_stage
+    assert info["num_processes"] == num_processes
+    assert info["wrapper_class"] == wrapper
+    assert [rank["rank"] for rank in runs[name]["ranks"]] == list(range(num_processes))
+
+
+@pytest.mark.parametrize("name", ["zero2", "zero3"])
+def test_deepspeed_engine_takes_its_batch_settings_from_training_arguments(
+    runs: Runs, name: str
+) -> None:
+    info = runs[name]["distributed"]
+    assert info["engine_zero_stage"] == EXPECTED_SETUP[name][1]
+    assert (info["engine_micro_batch"], info["engine_grad_accum"]) == (16, 1)
+
+
+@pytest.mark.parametrize("name", ["ddp", "zero2", "zero3"])
+def test_two_processes_follow_the_single_process_trajectory(runs: Runs, name: str) -> None:
+    _assert_same_trajectory(runs[name], runs["single"])
+
+
+@pytest.mark.parametrize("name", ["ddp", "zero2", "zero3"])
+def test_ranks_end_with_identical_parameters_and_router_state(runs: Runs, name: str) -> None:
+    first, second = runs[name]["ranks"]
+    assert first["checksum"] == second["checksum"] == runs[name]["final_checksum"]
+    assert first["running_means"] == second["running_means"]
+
+
+def test_gradient_accumulation_under_zero3_follows_the_single_process_trajectory(
+    runs: Runs,
+) -> None:
+    # Two processes x 8 samples x 2 micro-steps against one process x 16 x 2: each micro-step
+    # sees the same 16 samples, so the routers' running means update identically too.
+    report = runs["zero3_accum"]
+    engine = report["distributed"]
+    assert (engine["engine_micro_batch"], engine["engine_grad_accum"]) == (8, 2)
+    _assert_same_trajectory(report, runs["single_accum"])
+
+
+@pytest.mark.parametrize("name", ["ddp_forced", "zero3_forced"])
+def test_ranks_routing_to_disjoint_areas_train_every_area_without_hanging(
+    runs: Runs, name: str
+) -> None:
+    report = runs[name]
+    assert report["global_step"] == STEPS
+    first, second = report["ranks"]
+    for router, areas in first["areas_used"].items():
+        assert areas == [0, 1] and second["areas_used"][router] == [2, 3]
+    # Each area was used on one rank only, yet its update reached both ranks.
+    assert all(all(moved) for moved in report["changed_areas"].values())
+    assert first["checksum"] == second["checksum"]
+    assert first["running_means"] == second["running_means"]
+
+
+def test_zero3_resume_continues_the_run(runs: Runs) -> None:
+    # Exactly: the checkpoint restores parameters, optimizer state, the routers' running means,
+    # the RNG and the position in the data, so steps 4-6 are recomputed bit for bit.
+    uninterrupted, resumed = runs["zero3"], runs["zero3_resumed"]
+    assert resumed["global_step"] == STEPS
+    later = {step: s for step, s in _samples_per_step(uninterrupted).items() if int(step) > 3}
+    assert _samples_per_step(resumed) == later
+    for step in later:
+        assert resumed["steps"][step] == uninterrupted["steps"][step]
+    assert resumed["final_checksum"] == uninterrupted["final_checksum"]
+
+
+def test_zero3_export_loads_in_one_process_bit_for_bit(runs: Runs, tmp_path: Path) -> None:
+    runs["zero3"]
+    checkpoint = runs.folder("zero3") / "trainer" / f"checkpoint-{STEPS}"
+    exported = export_zero_checkpoint(checkpoint, tmp_path / "exported")
+
+    with safe_open(exported / "model.safetensors", framework="pt") as weights:
+        assert weights.metadata() == {"format": "pt"}
+    gathered = load_file(runs.folder("zero3") / "gathered.safetensors")
+    loaded = AutoSALModelForImageClassification.from_pretrained(exported).state_dict()
+    assert sorted(loaded) == sorted(gathered)
+    unequal = [name for name in gathered if not torch.equal(loaded[name], gathered[name])]
+    assert unequal == []
+
+
+def test_export_refuses_a_folder_without_zero_shards(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="no `latest` file"):
+        export_zero_checkpoint(tmp_path, tmp_path / "exported")
+
+
+def test_export_refuses_to_write_into_the_checkpoint(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="stays resumable"):
+        export_zero_checkpoint(tmp_path, tmp_path)
+
+
+def test_export_stores_tied_weights_once_and_views_as_their_own_tensors() -> None:
+    flat, tied = torch.arange(10.0), torch.ones(2, 3)
+    state = {"a": flat[:4].view(2, 2), "b": flat[4:].view(2, 3), "embed": tied, "head": tied}
+    stored = _for_safetensors(state)
+    assert list(stored) == ["a", "b", "embed"]
+    assert all(t.untyped_storage().nbytes() == t.nbytes for t in stored.values())
+    assert torch.equal(stored["b"], flat[4:].view(2, 3))
+
+
+def test_ddp_with_the_balance_term_follows_the_single_process_trajectory(runs: Runs) -> None:
+    _assert_same_trajectory(runs["ddp_balance"], runs["single_balance"])
+
+
+def test_logged_task_loss_is_the_mean_over_ranks(runs: Runs) -> None:
+    report = runs["ddp"]
+    logged = {str(e["step"]): e["task_loss"] for e in report["log_history"] if "task_loss" in e}
+    for step, losses in report["steps"].items():
+        assert logged[step] == pytest.approx(losses["task_loss"], abs=2e-6)
+
+
+def _entropy(counts: list[int]) -> float:
+    total = sum(counts)
+    return -sum(n / total * math.log(n / total) for n in counts if n)
+
+
+def test_logged_area_usage_counts_every_rank_under_ddp(runs: Runs) -> None:
+    report = runs["ddp_balance"]
+    logged = [entry for entry in report["log_history"] if "area_entropy/layers.0" in entry]
+    previous = 0
+    for entry in logged:
+        for index in (0, 1):
+            steps = range(previous + 1, entry["step"] + 1)
+            counts = [0] * 4
+            for rank in report["ranks"]:
+                usage = rank["usage"][f"sal_controller.routers.{index}"]
+                for step in steps:
+                    counts = [a + b for a, b in zip(counts, usage[str(step)], strict=True)]
+            expected = round(_entropy(counts), 4)
+            assert entry[f"area_entropy/layers.{index}"] == pytest.approx(expected, abs=1e-4)
+        previous = entry["step"]
