@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from transformers import Trainer, TrainingArguments
 
+from .areas import AreaLinear
 from .regions import SALController, get_controller
 from .routing import usage_entropy
 
@@ -34,6 +35,14 @@ class SALTrainingArguments(TrainingArguments):
         default=True,
         metadata={"help": "Log, per SAL layer, the entropy and largest share of area usage."},
     )
+    area_learning_rate_scale: float | None = field(
+        default=None,
+        metadata={
+            "help": "Learning-rate multiplier for area weights (layers with several areas). "
+            "Unset: 1/sqrt(num_areas), since an area's gradient comes from about 1/num_areas of "
+            "the batch and is that much noisier."
+        },
+    )
 
     def __post_init__(self) -> None:
         several_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -49,6 +58,9 @@ class SALTrainingArguments(TrainingArguments):
         if self.ddp_broadcast_buffers is None:
             self.ddp_broadcast_buffers = False
         super().__post_init__()
+        scale = self.area_learning_rate_scale
+        if scale is not None and not scale > 0:
+            raise ValueError(f"area_learning_rate_scale must be > 0, got {scale!r}.")
 
 
 def accuracy_metrics(eval_prediction) -> dict[str, float]:
@@ -99,6 +111,32 @@ class SALTrainer(Trainer):
         self.sal_controller: SALController = controller
         self.last_area_usage: dict[str, list[float]] = {}
         self._loss_sums = torch.zeros(3, dtype=torch.float64)  # task, router, count
+
+    def create_optimizer(self, model=None):
+        """The Trainer's optimizer, with area weights in their own groups at a scaled rate."""
+        optimizer = super().create_optimizer(model)
+        area_parameters = {
+            id(parameter)
+            for module in self.model.modules()
+            if isinstance(module, AreaLinear) and module.num_areas > 1
+            for name, parameter in module.named_parameters()
+            if not name.startswith("shared.")
+        }
+        if not area_parameters:
+            return optimizer
+        num_areas = self.sal_controller.sal_config.num_areas
+        scale = self.args.area_learning_rate_scale or num_areas**-0.5
+        groups = list(optimizer.param_groups)
+        optimizer.param_groups.clear()
+        for group in groups:
+            areas = [p for p in group["params"] if id(p) in area_parameters]
+            others = [p for p in group["params"] if id(p) not in area_parameters]
+            for params, factor in ((others, 1.0), (areas, scale)):
+                if params:
+                    learning_rate = group["lr"] * factor
+                    optimizer.add_param_group({**group, "params": params, "lr": learning_rate})
+        logger.info("Area weights train at %.4g x the learning rate.", scale)
+        return optimizer
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, outputs = super().compute_loss(

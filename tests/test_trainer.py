@@ -118,3 +118,26 @@ def test_resume_from_checkpoint_continues_the_same_run(tmp_path):
     resumed = run(tmp_path / "interrupted", 6, resume=str(tmp_path / "interrupted/checkpoint-3"))
     for name, tensor in straight.items():
         torch.testing.assert_close(resumed[name], tensor, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_area_weights_train_at_one_over_sqrt_areas_by_default(tmp_path):
+    model = tiny_mlp(num_areas=4)
+    trainer = SALTrainer(model=model, args=arguments(tmp_path, learning_rate=0.02),
+                         train_dataset=toy_dataset())
+    optimizer = trainer.create_optimizer()
+    rate_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    assert rate_of[id(model.layers[0].dense.weight)] == pytest.approx(0.01)  # 0.02 / sqrt(4)
+    assert rate_of[id(model.classifier.weight)] == pytest.approx(0.02)
+    assert rate_of[id(model.sal_controller.routers["0"].projection.weight)] == pytest.approx(0.02)
+    assert len({id(p) for g in optimizer.param_groups for p in g["params"]}) == len(
+        list(model.parameters())
+    )
+
+
+def test_area_learning_rate_scale_can_be_set_and_is_validated(tmp_path):
+    model = tiny_mlp(num_areas=4)
+    args = arguments(tmp_path, learning_rate=0.02, area_learning_rate_scale=1.0)
+    optimizer = SALTrainer(model=model, args=args, train_dataset=toy_dataset()).create_optimizer()
+    assert {group["lr"] for group in optimizer.param_groups} == {0.02}
+    with pytest.raises(ValueError, match="area_learning_rate_scale must be > 0, got -1"):
+        arguments(tmp_path, area_learning_rate_scale=-1.0)
