@@ -43,6 +43,8 @@ class AreaLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_areas, out_features, in_features))
         self.bias = nn.Parameter(torch.empty(num_areas, out_features)) if bias else None
         self.shared = nn.Linear(in_features, out_features, bias=bias) if shared_path else None
+        # Limitation: only the routed areas get a gradient, but Adam-type optimizers still move
+        # an area on steps without samples (decaying moments), and weight decay shrinks all.
         # The areas to use on the next call when the caller cannot pass them (hooked HF modules).
         self.pending_areas: torch.Tensor | None = None
         self.reset_parameters()

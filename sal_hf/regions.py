@@ -164,6 +164,8 @@ class SALController(nn.Module):
 
 
     def _install_hooks(self) -> None:
+        # Limitation: the hooks are closures over this controller, so `copy.deepcopy` of a
+        # converted model gives a copy whose hooks still drive the original; convert the copy.
         self._handles = []
         for index, region in enumerate(self._regions):
             pre = self._make_region_pre_hook(index, region)

@@ -96,6 +96,8 @@ class Router(nn.Module):
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         inputs = inputs.detach()
+        # Limitation: the mean over a padded sequence includes its padding tokens; the router
+        # is not given the attention mask.
         if not self.per_token and inputs.dim() == 3:
             inputs = inputs.mean(dim=1)
         flat = inputs.reshape(-1, inputs.shape[-1])
