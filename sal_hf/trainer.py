@@ -113,7 +113,11 @@ class SALTrainer(Trainer):
         self._loss_sums = torch.zeros(3, dtype=torch.float64)  # task, router, count
 
     def create_optimizer(self, model=None):
-        """The Trainer's optimizer, with area weights in their own groups at a scaled rate."""
+        """The Trainer's optimizer, with area weights in their own groups at a scaled rate.
+
+        A DeepSpeed config that names its own optimizer bypasses this method, and with it the
+        area scale.
+        """
         optimizer = super().create_optimizer(model)
         area_parameters = {
             id(parameter)
@@ -144,8 +148,11 @@ class SALTrainer(Trainer):
         )
         router_loss = self.sal_controller.router_loss() if model.training else None
         if model.training:
-            router_value = 0.0 if router_loss is None else float(router_loss.detach())
-            self._loss_sums += torch.tensor([float(loss.detach()), router_value, 1.0])
+            # Summed on the device: reading the values every step would synchronise a GPU.
+            task = loss.detach().double()
+            router = torch.zeros_like(task) if router_loss is None else router_loss.detach()
+            step = torch.stack([task, router.double(), torch.ones_like(task)])
+            self._loss_sums = self._loss_sums.to(step.device) + step
         if router_loss is not None:
             # The task loss may already be normalised over the whole accumulated batch, in which
             # case the Trainer will not divide it; the router loss is a per-micro-batch mean.
