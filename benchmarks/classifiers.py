@@ -3,6 +3,7 @@
     python benchmarks/classifiers.py                 # every run (about an hour on 2 CPU cores)
     python benchmarks/classifiers.py --only mnist    # one data set
     python benchmarks/classifiers.py --quick         # a smoke run on a few hundred rows
+    python benchmarks/classifiers.py --collect       # record the runs already finished
 
 Each run is `recipes/train_classifier.py` under `accelerate launch` (same model: 2 hidden layers of
 256, ReLU). Then SAL's and BP's step time and peak memory are measured in one process, steps
@@ -51,23 +52,33 @@ def planned_runs(datasets: list[str]) -> list[tuple[str, list[str]]]:
     return runs
 
 
-def launch(name: str, arguments: list[str], output_root: Path, quick: bool) -> dict:
-    output_dir = output_root / name
+def recipe_command(arguments: list[str], output_dir: Path, quick: bool) -> list[str]:
     command = [
         str(Path(sys.executable).parent / "accelerate"), "launch",
         "--config_file", "accelerate_configs/cpu.yaml", "recipes/train_classifier.py",
         *arguments, "--output_dir", str(output_dir), "--disable_tqdm", "true",
     ]
-    if quick:
-        command += ["--limit", "512", "--max_steps", "8"]
+    return command + (["--limit", "512", "--max_steps", "8"] if quick else [])
+
+
+def launch(name: str, arguments: list[str], output_root: Path, quick: bool) -> dict:
+    command = recipe_command(arguments, output_root / name, quick)
     print(f"[{name}] {' '.join(command[1:])}", flush=True)
-    started = time.time()
     subprocess.run(command, cwd=ROOT, check=True)
-    results = json.loads((output_dir / "results.json").read_text())
+    results = finished_run(name, arguments, output_root)
+    print(f"[{name}] test accuracy {results['test_accuracy']:.4f}", flush=True)
+    return results
+
+
+def finished_run(name: str, arguments: list[str], output_root: Path) -> dict | None:
+    """The results of a run that has finished under `output_root`, or None."""
+    results_file = output_root / name / "results.json"
+    if not results_file.is_file():
+        return None
+    results = json.loads(results_file.read_text())
+    command = recipe_command(arguments, output_root / name, quick=False)
     results["run"] = name
     results["command"] = " ".join(["accelerate", *command[1:]])
-    results["wall_time_s"] = round(time.time() - started, 1)
-    print(f"[{name}] test accuracy {results['test_accuracy']:.4f}", flush=True)
     return results
 
 
@@ -139,10 +150,19 @@ def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*", choices=sorted(EPOCHS), default=sorted(EPOCHS))
     parser.add_argument("--quick", action="store_true", help="smoke run; writes no results")
+    parser.add_argument("--collect", action="store_true",
+                        help="run nothing; record the runs already finished under --output_root")
     parser.add_argument("--output_root", type=Path, default=ROOT / "outputs" / "benchmarks")
     options = parser.parse_args(argv)
-    runs = [launch(name, arguments, options.output_root, options.quick)
-            for name, arguments in planned_runs(options.only)]
+    plan = planned_runs(options.only)
+    missing: list[str] = []
+    if options.collect:
+        runs = [r for r in (finished_run(n, a, options.output_root) for n, a in plan) if r]
+        missing = [n for n, a in plan if not finished_run(n, a, options.output_root)]
+        print(f"collected {len(runs)} finished runs; not run: {missing or 'none'}")
+    else:
+        runs = [launch(name, arguments, options.output_root, options.quick)
+                for name, arguments in plan]
     cost = step_cost(steps=5 if options.quick else 60)
     if options.quick:
         print(markdown_tables(runs, cost))
@@ -153,11 +173,17 @@ def main(argv: list[str]) -> None:
         "git_commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                                      capture_output=True, text=True).stdout.strip(),
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} "
-        "threads", "runs": runs, "step_cost": cost,
+        "threads", "runs": runs, "not_run": missing, "step_cost": cost,
     }
     write_results(RESULTS_FILE, document)
-    replace_section("classifiers", markdown_tables(runs, cost), document["command"])
-    print(markdown_tables(runs, cost))
+    tables = markdown_tables(runs, cost)
+    if missing:
+        tables += f"\n\nPlanned but not run in this record: {', '.join(missing)}."
+    tables += ("\n\nEach run's own command is in `benchmarks/results/classifiers.json`; "
+               "the runs shared the machine's 2 cores with other work, so their times are "
+               "indicative; the step-cost table interleaves SAL and BP steps in one process.")
+    replace_section("classifiers", tables, document["command"])
+    print(tables)
 
 
 if __name__ == "__main__":
