@@ -178,6 +178,9 @@ def training_arguments(args: argparse.Namespace) -> SALTrainingArguments:
     return SALTrainingArguments(
         output_dir=args.output_dir,
         max_steps=args.max_steps,
+        # ZeRO does not keep the area learning-rate groups (see SALTrainer.create_optimizer),
+        # so the runs compared here use one rate for every parameter.
+        area_learning_rate_scale=1.0,
         per_device_train_batch_size=per_device,
         gradient_accumulation_steps=args.grad_accum,
         learning_rate=args.learning_rate,
