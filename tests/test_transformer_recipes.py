@@ -213,9 +213,8 @@ def test_bad_choices_are_refused_naming_the_allowed_ones(recipe_name, arguments,
     assert re.search(message, capsys.readouterr().err)
 
 
-@pytest.mark.parametrize("recipe_name", ["finetune_text_classifier", "train_causal_lm"])
-def test_each_method_gets_its_tuned_rate_unless_one_is_given(recipe_name):
-    recipe = load_recipe(recipe_name)
+def test_text_classifier_uses_each_methods_rate_unless_one_is_given():
+    recipe = load_recipe("finetune_text_classifier")
     for method, rate in recipe.LEARNING_RATES.items():
         _, training_args = recipe.parse_arguments(["--method", method, "--output_dir", "x"])
         assert training_args.learning_rate == rate
