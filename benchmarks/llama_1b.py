@@ -51,11 +51,13 @@ def launch(options: argparse.Namespace) -> tuple[dict, str]:
 def loss_table(results: dict) -> list[str]:
     """The per-step losses as one compact table, ten steps a row."""
     steps = results["steps"]
-    lines = ["| steps | task loss (cross-entropy, nats per character) |", "|---|---|"]
+    lines = ["| steps | task loss (cross-entropy, nats per character) | with router terms |",
+             "|---|---|---|"]
     for start in range(0, len(steps), 10):
         chunk = steps[start:start + 10]
-        losses = " ".join(f"{entry['task_loss']:.3f}" for entry in chunk)
-        lines.append(f"| {chunk[0]['step']}-{chunk[-1]['step']} | {losses} |")
+        task = " ".join(f"{entry['task_loss']:.3f}" for entry in chunk)
+        total = " ".join(f"{entry['loss']:.2f}" for entry in chunk)
+        lines.append(f"| {chunk[0]['step']}-{chunk[-1]['step']} | {task} | {total} |")
     return lines
 
 
@@ -86,6 +88,10 @@ def markdown(results: dict) -> str:
         f"{results['first_step_time_s']:.1f} s |",
         f"| task loss, step 1 -> {steps[-1]['step']} | {steps[0]['task_loss']:.3f} -> "
         f"{steps[-1]['task_loss']:.3f} |",
+        f"| loss with the routers' local terms, step 1 -> {steps[-1]['step']} (highest) | "
+        f"{steps[0]['loss']:.3f} -> {steps[-1]['loss']:.3f} "
+        f"({max(entry['loss'] for entry in steps):.3f}, step "
+        f"{max(steps, key=lambda entry: entry['loss'])['step']}) |",
     ]
     if len(evaluations) >= 2:
         lines.append(f"| validation loss ({results.get('eval_blocks', '')} held-out blocks), "
@@ -102,7 +108,12 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--port", type=int, default=29531, help="loopback rendezvous port")
     parser.add_argument("--output_root", type=Path, default=ROOT / "outputs" / "benchmarks")
     parser.add_argument("--no_write", action="store_true", help="print only; write no files")
+    parser.add_argument("--render", action="store_true", help="redraw the doc from the results")
     options = parser.parse_args(argv)
+    if options.render:
+        document = json.loads(RESULTS_FILE.read_text())
+        replace_section("llama_1b", markdown(document), document["command"])
+        return
     started = time.time()
     results, command = launch(options)
     document = {
