@@ -34,7 +34,8 @@ import time
 from pathlib import Path
 
 import torch
-from results_doc import replace_section  # benchmarks/ is on the path when run as a script
+from cpu_memory import release_freed_memory_to_system  # benchmarks/ is on sys.path as a script
+from results_doc import replace_section
 
 from sal_hf import MLPClassifierConfig, MLPForImageClassification, SALConfig, convert_to_sal
 from sal_hf.reporting import PeakMemory, write_results
@@ -47,25 +48,6 @@ MODES = {  # label: (SALConfig method, gradient checkpointing)
     "BP": ("bp", False),
 }
 TARGET_RATIO = 0.5  # streamed SAL at the deepest depth, over BP (the project's issue)
-
-_M_TRIM_THRESHOLD = -1  # mallopt parameter numbers, from glibc's malloc.h
-_M_MMAP_THRESHOLD = -3
-
-
-def release_freed_memory_to_system(threshold_bytes: int = 64 * 1024) -> ctypes.CDLL:
-    """Make glibc map every block above `threshold_bytes` on its own and unmap it when freed."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError as error:
-        raise SystemExit(
-            "This benchmark measures resident memory and needs glibc (libc.so.6) to return "
-            f"freed memory to the system; it could not be loaded: {error}"
-        ) from error
-    if not (libc.mallopt(_M_MMAP_THRESHOLD, threshold_bytes)
-            and libc.mallopt(_M_TRIM_THRESHOLD, threshold_bytes)):
-        raise SystemExit("glibc refused mallopt(M_MMAP_THRESHOLD / M_TRIM_THRESHOLD).")
-    return libc
-
 
 def build_model(method: str, streamed: bool, num_layers: int, hidden_size: int,
                 seed: int = 0) -> MLPForImageClassification:

@@ -117,22 +117,9 @@ class AreaLinear(nn.Module):
             if self.bias is not None:
                 output = output + self.bias[0]
             return output.reshape(*inputs.shape[:-1], self.out_features)
-        # Sort rows by area, multiply each contiguous group by its own weights, undo the sort.
         order = torch.argsort(areas, stable=True)
-        group_sizes = torch.bincount(areas, minlength=self.num_areas).tolist()
-        groups = flat.index_select(0, order).split(group_sizes)
-        # One unbind, not one index per area: each `weight[k]` would allocate a full-size
-        # zero gradient in backward, `unbind` stacks the per-area gradients once.
-        weights = self.weight.unbind(0)
-        biases = self.bias.unbind(0) if self.bias is not None else [None] * self.num_areas
-        pieces = []
-        for group, weight, bias in zip(groups, weights, biases, strict=True):
-            if group.shape[0] == 0:
-                continue
-            pieces.append(group @ weight.T if bias is None else torch.addmm(bias, group, weight.T))
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(order.numel(), device=order.device)
-        output = torch.cat(pieces).index_select(0, inverse)
+        group_sizes = tuple(torch.bincount(areas, minlength=self.num_areas).tolist())
+        output = _GroupedLinear.apply(flat, self.weight, self.bias, order, group_sizes)
         return output.reshape(*inputs.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
@@ -141,3 +128,73 @@ class AreaLinear(nn.Module):
             f"num_areas={self.num_areas}, bias={self.bias is not None}, "
             f"shared_path={self.shared is not None}"
         )
+
+
+def _compute_dtype(inputs: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype `nn.Linear` would compute in: autocast's if it is on, else the weight's."""
+    device_type = inputs.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return weight.dtype
+
+
+class _GroupedLinear(torch.autograd.Function):
+    """Rows sorted by area, each contiguous group times its own area's weights, sort undone.
+
+    Written as one autograd function so that the gradients of all areas land in one
+    `[num_areas, out, in]` tensor directly: per-area views of the weight (`weight[k]` or
+    `unbind`) would make autograd build the same tensor from pieces, at several times the cost.
+    Areas without rows get a zero gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, flat, weight, bias, order, group_sizes):  # noqa: D102
+        dtype = _compute_dtype(flat, weight)
+        with torch.autocast(flat.device.type, enabled=False):
+            rows = flat.index_select(0, order).to(dtype)
+            weights = weight.to(dtype)
+            output = rows.new_empty(rows.shape[0], weight.shape[1])
+            start = 0
+            for area, size in enumerate(group_sizes):
+                if size:
+                    piece = output[start:start + size]
+                    if bias is None:
+                        torch.mm(rows[start:start + size], weights[area].T, out=piece)
+                    else:
+                        torch.addmm(bias[area].to(dtype), rows[start:start + size],
+                                    weights[area].T, out=piece)
+                start += size
+            inverse = torch.empty_like(order)
+            inverse[order] = torch.arange(order.numel(), device=order.device)
+            result = output.index_select(0, inverse)
+        ctx.save_for_backward(rows, weight, order, inverse)
+        ctx.group_sizes = group_sizes
+        ctx.has_bias = bias is not None
+        ctx.input_dtype = flat.dtype
+        return result
+
+    @staticmethod
+    def backward(ctx, grad_output):  # noqa: D102
+        rows, weight, order, inverse = ctx.saved_tensors
+        dtype = rows.dtype
+        grad_rows = grad_output.index_select(0, order).to(dtype)
+        weights = weight.to(dtype)
+        need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad_input_sorted = grad_rows.new_empty(rows.shape) if need_input else None
+        grad_weight = torch.zeros_like(weight) if need_weight else None
+        grad_bias = grad_weight.new_zeros(weight.shape[:2]) if need_bias and ctx.has_bias else None
+        start = 0
+        for area, size in enumerate(ctx.group_sizes):
+            if size:
+                grad_piece = grad_rows[start:start + size]
+                if need_input:
+                    torch.mm(grad_piece, weights[area], out=grad_input_sorted[start:start + size])
+                if need_weight:
+                    grad_weight[area] = grad_piece.T @ rows[start:start + size]
+                if grad_bias is not None:
+                    grad_bias[area] = grad_piece.sum(0)
+            start += size
+        grad_input = None
+        if need_input:
+            grad_input = grad_input_sorted.index_select(0, inverse).to(ctx.input_dtype)
+        return grad_input, grad_weight, grad_bias, None, None

@@ -95,10 +95,11 @@ class DirectFeedback(nn.Module):
 
     def compress(self, error: torch.Tensor) -> torch.Tensor:
         """Apply the shared compression (if any) to the output error `[..., num_outputs]`."""
-        error = error.float()
+        # At least float32 (a bfloat16 error is upcast), float64 kept for exact checks.
+        error = error.to(torch.promote_types(error.dtype, torch.float32))
         if self.compression is None:
             return error
-        return error @ self.compression
+        return error @ self.compression.to(error.dtype)
 
     def region_signal(
         self,
@@ -112,7 +113,7 @@ class DirectFeedback(nn.Module):
         `signal` is the (compressed) error, `[*lead, signal_width]`, where `lead` is a prefix of
         `hidden_shape[:-1]`: sample-level errors are broadcast over a region's sequence.
         """
-        matrices = self.matrices(region)
+        matrices = self.matrices(region).to(signal.dtype)
         lead = hidden_shape[:-1]
         if matrices.shape[0] == 1:
             return _expand_lead(signal @ matrices[0], lead, features=True)
@@ -120,7 +121,7 @@ class DirectFeedback(nn.Module):
             raise RuntimeError(f"region {region} has area-specific feedback but no areas recorded.")
         flat_signal = _expand_lead(signal, lead, features=True).reshape(-1, signal.shape[-1])
         flat_areas = _expand_lead(areas, lead, features=False).reshape(-1)
-        delta = torch.empty(flat_signal.shape[0], hidden_shape[-1], device=signal.device)
+        delta = signal.new_empty(flat_signal.shape[0], hidden_shape[-1])
         for area in range(matrices.shape[0]):
             rows = (flat_areas == area).nonzero(as_tuple=True)[0]
             if rows.numel():

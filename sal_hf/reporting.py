@@ -156,7 +156,8 @@ def plot_learning_curves(
 
 def run_label(results: dict) -> str:
     if results["method"] == "sal":
-        return f"SAL-{results['num_areas']}"
+        shared = results.get("shared_path", (results.get("sal_config") or {}).get("shared_path"))
+        return f"SAL-{results['num_areas']}" + ("" if shared else " (areas only)")
     if results["method"] == "bp" and results.get("bp_recipe") == "paper":
         return "BP (paper recipe)"
     return results["method"].upper()

@@ -104,7 +104,7 @@ class Router(nn.Module):
         projected = self.projection(flat.to(self.projection.weight.dtype)).float()
         if self.training and torch.is_grad_enabled():
             self._update_running_mean(projected.detach())
-        centred = F.normalize(projected - self.running_mean, dim=-1)
+        centred = F.normalize(projected - self.running_mean.float(), dim=-1)
         similarity = centred @ self.prototypes.float().T  # [tokens, num_areas], cosines
         areas = similarity.argmax(dim=-1)
         self._count(areas)

@@ -36,6 +36,11 @@ class MLPClassifierConfig(PreTrainedConfig):
         hidden_size: width of every hidden layer.
         num_layers: number of hidden layers; the classifier comes on top of them.
         hidden_act: activation of the hidden layers.
+        residual: make every hidden layer after the first a pre-norm residual block,
+            `h + act(dense(layer_norm(h)))`, with a final layer norm before the classifier (norms
+            without learned parameters). The first layer stays `act(dense(x))`. Plain layers
+            (the paper's network) are the default; deep networks (tens of layers and more) need
+            the residual form to train with feedback methods (docs/method.md).
         num_labels: number of classes (a standard `PreTrainedConfig` argument).
     """
 
@@ -45,6 +50,7 @@ class MLPClassifierConfig(PreTrainedConfig):
     hidden_size: int = 256
     num_layers: int = 2
     hidden_act: str = "relu"
+    residual: bool = False
 
     def validate_architecture(self) -> None:
         for name in ("input_size", "hidden_size", "num_layers"):
@@ -59,15 +65,19 @@ class MLPClassifierConfig(PreTrainedConfig):
 
 
 class MLPLayer(GradientCheckpointingLayer):
-    """One hidden layer: `act(dense(hidden_states))`, `[batch, in] -> [batch, hidden]`."""
+    """One hidden layer, `[batch, in] -> [batch, hidden]`: `act(dense(hidden_states))`, or with
+    `residual=True`, `hidden_states + act(dense(layer_norm(hidden_states)))`."""
 
-    def __init__(self, in_features: int, config: MLPClassifierConfig) -> None:
+    def __init__(self, in_features: int, config: MLPClassifierConfig, residual: bool) -> None:
         super().__init__()
+        self.norm = nn.LayerNorm(in_features, elementwise_affine=False) if residual else None
         self.dense = nn.Linear(in_features, config.hidden_size)
         self.act = ACT2FN[config.hidden_act]
 
     def forward(self, hidden_states):
-        return self.act(self.dense(hidden_states))
+        if self.norm is None:
+            return self.act(self.dense(hidden_states))
+        return hidden_states + self.act(self.dense(self.norm(hidden_states)))
 
 
 class MLPPreTrainedModel(PreTrainedModel):
@@ -91,7 +101,13 @@ class MLPForImageClassification(MLPPreTrainedModel):
     def __init__(self, config: MLPClassifierConfig) -> None:
         super().__init__(config)
         widths = [config.input_size] + [config.hidden_size] * config.num_layers
-        self.layers = nn.ModuleList(MLPLayer(width, config) for width in widths[:-1])
+        self.layers = nn.ModuleList(
+            MLPLayer(width, config, residual=config.residual and index > 0)
+            for index, width in enumerate(widths[:-1])
+        )
+        self.norm = (
+            nn.LayerNorm(config.hidden_size, elementwise_affine=False) if config.residual else None
+        )
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 
@@ -99,6 +115,8 @@ class MLPForImageClassification(MLPPreTrainedModel):
         hidden_states = pixel_values.flatten(1).to(self.classifier.weight.dtype)
         for layer in self.layers:
             hidden_states = layer(hidden_states)
+        if self.norm is not None:
+            hidden_states = self.norm(hidden_states)
         logits = self.classifier(hidden_states)
         loss = None
         if labels is not None:
@@ -121,7 +139,9 @@ class MLPHandler:
             regions.append(
                 RegionSpec(f"layers.{index}", layer, layer.dense.out_features, [layer.dense])
             )
-        return SALLayout(regions, model.classifier, model.classifier, model.config.num_labels)
+        # With a final norm, the head is norm + classifier: its input is the last region output.
+        head_input = model.norm if model.norm is not None else model.classifier
+        return SALLayout(regions, head_input, model.classifier, model.config.num_labels)
 
 
 AutoConfig.register(MLPClassifierConfig.model_type, MLPClassifierConfig)
