@@ -5,7 +5,7 @@
 
 "Streamed" is SAL with `gradient_checkpointing_enable()`: each region keeps only its input during
 the forward pass and is recomputed while its update is applied (docs/method.md). Every mode runs
-in this one process on the same MLP (hidden 256, ReLU) and the same batch, one mode after the
+in this one process on the depth sweep's residual MLP (hidden 256, ReLU) and the same batch, one mode after the
 other. The figure is `PeakMemory.peak_increase_mb`: the rise of resident memory during forward and
 backward over the memory at the step's start. Parameters and gradients are allocated before the
 step (gradients zeroed, not freed), so the rise is what the step adds: activations and the
@@ -53,8 +53,11 @@ def build_model(method: str, streamed: bool, num_layers: int, hidden_size: int,
                 seed: int = 0) -> MLPForImageClassification:
     """The MLP classifier, converted, with gradients allocated (zero) on every parameter."""
     torch.manual_seed(seed)
-    config = MLPClassifierConfig(hidden_size=hidden_size, num_layers=num_layers, num_labels=10)
-    model = convert_to_sal(MLPForImageClassification(config), SALConfig(method=method)).train()
+    # The depth sweep's model: residual hidden layers; SAL-16 with its shared path.
+    config = MLPClassifierConfig(hidden_size=hidden_size, num_layers=num_layers, num_labels=10,
+                                 residual=True)
+    sal_config = SALConfig(method=method, shared_path=method == "sal")
+    model = convert_to_sal(MLPForImageClassification(config), sal_config).train()
     if streamed:
         model.activation_checkpointing_enable()  # non-reentrant: region inputs are detached
     for parameter in model.parameters():
@@ -173,7 +176,8 @@ def markdown(document: dict) -> str:
     ratio = document["ratios"][deepest]["streamed_over_bp"]
     met = "met" if ratio <= TARGET_RATIO else "missed"
     lines = [
-        f"MLP, hidden {document['hidden_size']}, batch {document['batch_size']}; peak rise of "
+        f"Residual MLP (the depth sweep's), hidden {document['hidden_size']}, batch "
+        f"{document['batch_size']}; SAL-16 with its shared path; peak rise of "
         "resident memory during forward + backward (parameters and gradients allocated "
         f"beforehand), median of {document['repeats']} steps after a warm-up, one process.",
         "",

@@ -12,7 +12,7 @@ from .checkpoint import (
 )
 from .config import SALConfig
 from .conversion import convert_to_sal, register_handler, supported_architectures
-from .feedback import DirectFeedback, FeedbackTap
+from .feedback import DirectFeedback, ErrorSignal, FeedbackInjector, FeedbackTap
 from .models import MLPClassifierConfig, MLPForImageClassification
 from .regions import RegionSpec, SALController, SALLayout, get_controller
 from .routing import Router
@@ -25,6 +25,8 @@ __all__ = [
     "AutoSALModelForImageClassification",
     "AutoSALModelForSequenceClassification",
     "DirectFeedback",
+    "ErrorSignal",
+    "FeedbackInjector",
     "FeedbackTap",
     "MLPClassifierConfig",
     "MLPForImageClassification",

@@ -9,10 +9,11 @@ variants:
 - compressed (`feedback_rank=r`): one shared fixed `R`, `[num_outputs, r]`, then per region (or
   area) `[r, width_l]`, so a 50k vocabulary costs one 50k x r matrix, not one per region.
 
-The matrices are buffers regenerated from a seed, never saved and never trained. `FeedbackTap`
-puts them on the autograd graph: it is the identity on the logits in the forward pass, and in the
-backward pass it hands `delta_l` to each region's output, so one `backward()` yields the whole
-SAL update.
+The matrices are buffers regenerated from a seed, never saved and never trained. Two identity
+functions put them on the autograd graph: `FeedbackInjector` on each region's output and
+`FeedbackTap` on the logits. In the backward pass the tap passes the logits' gradient on to the
+head and publishes the output error; each injector, when autograd reaches its region, replaces
+the region's gradient by `delta_l`. So one `backward()` yields the whole SAL update.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-__all__ = ["DirectFeedback", "FeedbackTap"]
+__all__ = ["DirectFeedback", "ErrorSignal", "FeedbackInjector", "FeedbackTap"]
 
 
 def _random_matrix(shape: tuple[int, ...], scale: float, seed: int) -> torch.Tensor:
@@ -144,25 +145,63 @@ def _expand_lead(tensor: torch.Tensor, lead: torch.Size, features: bool) -> torc
     return view.expand(lead + tail)
 
 
-class FeedbackTap(torch.autograd.Function):
-    """Identity on the logits; its backward sends `delta_l` to each recorded region output.
+class ErrorSignal:
+    """The compressed output error of one forward pass, set during its backward pass."""
 
-    `apply(feedback, areas, logits, *hidden)`: `areas[l]` is region `l`'s routing (or None) and
-    `hidden[l]` its output. The gradient of the logits passes through unchanged to the head.
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value: torch.Tensor | None = None
+
+
+class FeedbackTap(torch.autograd.Function):
+    """Identity on the logits; its backward publishes the output error to the regions.
+
+    `apply(feedback, signal, logits, *hidden)`, `hidden[l]` being region `l`'s output as
+    `FeedbackInjector` returned it. The gradient of the logits passes through unchanged to the
+    head; the compressed error goes into `signal`; each region output gets a zero gradient that
+    costs no memory (an expanded scalar), only so that autograd runs the region's injector.
     """
 
     @staticmethod
-    def forward(ctx, feedback, areas, logits, *hidden):  # noqa: D102
+    def forward(ctx, feedback, signal, logits, *hidden):  # noqa: D102
         ctx.feedback = feedback
-        ctx.areas = areas
-        ctx.hidden_meta = [(h.shape, h.dtype) for h in hidden]
+        ctx.signal = signal
+        ctx.hidden_meta = [(h.shape, h.dtype, h.device) for h in hidden]
         return logits.view_as(logits)
 
     @staticmethod
     def backward(ctx, grad_logits):  # noqa: D102
-        signal = ctx.feedback.compress(grad_logits)
-        deltas = []
-        for region, (shape, dtype) in enumerate(ctx.hidden_meta):
-            delta = ctx.feedback.region_signal(signal, region, ctx.areas[region], shape)
-            deltas.append(delta.to(dtype))
-        return (None, None, grad_logits, *deltas)
+        ctx.signal.value = ctx.feedback.compress(grad_logits)
+        zeros = [torch.zeros((), dtype=dtype, device=device).expand(shape)
+                 for shape, dtype, device in ctx.hidden_meta]
+        return (None, None, grad_logits, *zeros)
+
+
+class FeedbackInjector(torch.autograd.Function):
+    """Identity on one region's output; in backward its gradient is `delta_l = e @ B_l`.
+
+    `apply(feedback, signal, region, areas, hidden)`. Each region computes its `delta` when
+    autograd reaches it, so the deltas of all regions are never held at once: with streamed
+    (recomputed) regions, the backward pass holds one region's activations and one `delta`.
+    """
+
+    @staticmethod
+    def forward(ctx, feedback, signal, region, areas, hidden):  # noqa: D102
+        ctx.feedback = feedback
+        ctx.signal = signal
+        ctx.region = region
+        ctx.areas = areas
+        ctx.hidden_meta = (hidden.shape, hidden.dtype)
+        return hidden.view_as(hidden)
+
+    @staticmethod
+    def backward(ctx, grad_hidden):  # noqa: D102
+        if ctx.signal.value is None:
+            raise RuntimeError(
+                "a SAL region output received a gradient that did not come from the model's "
+                "logits; region outputs may only reach the loss through the head."
+            )
+        shape, dtype = ctx.hidden_meta
+        delta = ctx.feedback.region_signal(ctx.signal.value, ctx.region, ctx.areas, shape)
+        return None, None, None, None, delta.to(dtype)

@@ -7,9 +7,9 @@ A region is any module (an MLP layer, a transformer block, an embedding) whose o
 - detaches the input of every region and of the head (stop-gradient: no gradient ever crosses a
   region boundary), unless the method is `bp`;
 - runs each routed region's router on that input and hands the chosen areas to its area layers;
-- records each region's output and, at the head's output, inserts `FeedbackTap`, so that the
-  one `backward()` of the step gives the head its true local gradient and every region its
-  feedback update.
+- passes each region's output through `FeedbackInjector` and, at the head's output, inserts
+  `FeedbackTap`, so that the one `backward()` of the step gives the head its true local
+  gradient and every region its feedback update.
 
 The model's own forward code is left untouched, which is why any architecture can be converted by
 naming its regions and head.
@@ -26,7 +26,7 @@ from torch import nn
 
 from .areas import AreaLinear
 from .config import SALConfig
-from .feedback import DirectFeedback, FeedbackTap
+from .feedback import DirectFeedback, ErrorSignal, FeedbackInjector, FeedbackTap
 from .routing import Router
 
 __all__ = ["RegionSpec", "SALLayout", "SALController", "get_controller"]
@@ -102,6 +102,7 @@ class SALController(nn.Module):
         self.feedback = self._build_feedback(sal_config, layout.num_outputs)
         self._hidden: dict[int, torch.Tensor] = {}
         self._areas: dict[int, torch.Tensor] = {}
+        self._signal = ErrorSignal()
         self._install_hooks()
 
     @property
@@ -188,6 +189,7 @@ class SALController(nn.Module):
             if index == 0:  # a new forward pass: forget what an interrupted one left behind
                 self._hidden.clear()
                 self._areas.clear()
+                self._signal = ErrorSignal()
             if not region.detach_input:
                 return None
             in_args = bool(args)
@@ -213,7 +215,12 @@ class SALController(nn.Module):
                         f"region {self._regions[index].name} ran twice in one forward pass; "
                         "SAL regions must be distinct modules, each called once."
                     )
-                self._hidden[index] = _first_tensor(output)
+                hidden = FeedbackInjector.apply(
+                    self.feedback, self._signal, index, self._areas.get(index),
+                    _first_tensor(output),
+                )
+                self._hidden[index] = hidden
+                return _replace_first(output, hidden)
             return None
 
         return hook
@@ -234,9 +241,8 @@ class SALController(nn.Module):
         if missing:
             raise RuntimeError(f"regions {missing} did not run before the head in this forward.")
         hidden = [self._hidden[i] for i in range(len(self._regions))]
-        areas = [self._areas.get(i) for i in range(len(self._regions))]
         self._hidden.clear()
-        logits = FeedbackTap.apply(self.feedback, areas, _first_tensor(output), *hidden)
+        logits = FeedbackTap.apply(self.feedback, self._signal, _first_tensor(output), *hidden)
         return _replace_first(output, logits)
 
 

@@ -150,8 +150,8 @@ def record_sal_step(arch: str, **sal_options) -> RecordedStep:
         output.retain_grad()
         record.logits.append(output)
 
-    for region in regions:
-        region.module.register_forward_hook(keep_output)
+    for region in regions:  # before the SAL hooks: the output the block itself computed
+        region.module.register_forward_hook(keep_output, prepend=True)
     for region in regions[1:]:
         region.module.register_forward_pre_hook(keep_input_flag, with_kwargs=True)
     head_output(model).register_forward_hook(keep_logits)

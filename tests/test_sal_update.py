@@ -78,8 +78,8 @@ def test_region_output_receives_exactly_e_times_its_feedback_matrix():
 
         return hook
 
-    for index, layer in enumerate(model.layers):
-        layer.register_forward_hook(capture(index))
+    for index, layer in enumerate(model.layers):  # the tensor the region computes last
+        layer.act.register_forward_hook(capture(index))
     inputs, labels = torch.randn(6, 5), torch.tensor([0, 1, 2, 2, 1, 0])
     output = model(pixel_values=inputs, labels=labels)
     error = (F.softmax(output.logits.detach(), -1) - F.one_hot(labels, 3)) / 6
