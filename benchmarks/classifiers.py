@@ -41,11 +41,18 @@ PAPER = {("mnist", "sal"): 94.71, ("mnist", "paper"): 90.64, ("digits", "sal"): 
          ("digits", "paper"): 38.53}
 
 
+# Settings that differ from the recipe's defaults, per (data set, method). Fashion-MNIST SAL-16
+# (15 epochs, shared path) reached 86.31% at the recipe's 3e-3 and 87.62% at 1e-3 (throw-away
+# runs of the recipe); on MNIST the two rates gave 97.54% and 97.47%.
+TUNED = {("fashion_mnist", "sal"): ["--learning_rate", "1e-3"]}
+
+
 def planned_runs(datasets: list[str]) -> list[tuple[str, list[str]]]:
     runs = []
     for dataset in datasets:
         epochs = ["--num_train_epochs", str(EPOCHS[dataset])]
-        runs.append((f"{dataset}-sal16", ["--dataset", dataset, "--method", "sal", *epochs]))
+        runs.append((f"{dataset}-sal16", ["--dataset", dataset, "--method", "sal", *epochs,
+                                          *TUNED.get((dataset, "sal"), [])]))
         if dataset == "mnist":  # the ablation that chose the shared path as SAL's default
             runs.append(("mnist-sal16-areas-only", ["--dataset", dataset, "--method", "sal",
                                                     "--shared_path", "false", *epochs]))

@@ -70,6 +70,8 @@ def planned_runs(depths: list[int], methods: list[str], epochs: dict[int, float]
                          "--per_device_train_batch_size", str(BATCH_SIZE),
                          "--num_train_epochs", str(epochs[depth]), "--learning_rate", str(rate)]
             suffix = "" if hidden_act == "relu" else f"-{hidden_act}"
+            if learning_rate is not None or epochs[depth] != BUDGET[depth]:  # a try's own folder
+                suffix += f"-lr{rate:g}-{epochs[depth]:g}ep"
             runs.append((f"mnist-{method}-{depth}layers{suffix}", arguments))
     return runs
 
@@ -215,6 +217,9 @@ def record(options: argparse.Namespace, argv: list[str], runs: list[dict], secon
             "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
         }
     else:
+        while not RESULTS_FILE.exists():  # a try started while the sweep still ran
+            print(f"waiting for the sweep to write {RESULTS_FILE} ...", flush=True)
+            time.sleep(60)
         document = json.loads(RESULTS_FILE.read_text())
         for run in runs:
             run["try_command"] = command
@@ -247,8 +252,6 @@ def main(argv: list[str]) -> None:
     unknown = sorted(set(options.depths) - set(BUDGET))
     if unknown:
         parser.error(f"--depths {unknown} have no epoch budget; choose from {sorted(BUDGET)}.")
-    if not (is_sweep(options) or options.quick or RESULTS_FILE.exists()):
-        parser.error(f"a try is recorded beside the sweep: run the sweep first ({RESULTS_FILE}).")
     epochs = {d: options.epochs or BUDGET[d] for d in BUDGET}
     started = time.time()
     runs = [launch(name, arguments, options.output_root, options.quick)

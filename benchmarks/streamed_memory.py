@@ -3,14 +3,14 @@
     python benchmarks/streamed_memory.py                   # 32 and 128 layers (minutes)
     python benchmarks/streamed_memory.py --layers 16 --no_write   # a quick look, writes nothing
 
-"Streamed" is SAL with `gradient_checkpointing_enable()`: each region keeps only its input during
-the forward pass and is recomputed while its update is applied (docs/method.md). Every mode runs
-in this one process on the depth sweep's residual MLP (hidden 256, ReLU) and the same batch, one mode after the
-other. The figure is `PeakMemory.peak_increase_mb`: the rise of resident memory during forward and
-backward over the memory at the step's start. Parameters and gradients are allocated before the
-step (gradients zeroed, not freed), so the rise is what the step adds: activations and the
-transient tensors of the backward pass. The optimizer step is left out; it is the same for both
-SAL modes.
+"Streamed" is SAL with activation checkpointing: each region keeps only its input during the
+forward pass and is recomputed while its update is applied (docs/method.md). Every mode runs in
+this one process on the depth sweep's residual MLP (hidden 256, ReLU) and the same batch, one
+mode after the other. The figure is `PeakMemory.peak_increase_mb`: the rise of resident memory
+during forward and backward over the memory at the step's start. Parameters and gradients are
+allocated before the step (gradients zeroed, not freed), so the rise is what the step adds:
+activations and the transient tensors of the backward pass. The optimizer step is left out; it
+is the same for both SAL modes.
 
 Resident memory follows the live tensors only if freed memory goes back to the system: glibc keeps
 freed blocks for reuse, so a second step would show no rise at all. The benchmark therefore sets
