@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+
 from sal_hf import MLPClassifierConfig, MLPForImageClassification, SALConfig, convert_to_sal
 
 
@@ -16,3 +20,15 @@ def tiny_mlp(
     )
     sal_options.setdefault("routing_dim", 4)
     return convert_to_sal(MLPForImageClassification(config), SALConfig(**sal_options))
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_recipe(name: str):
+    """`recipes/<name>.py` as a module (the recipes are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "recipes" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module

@@ -1,6 +1,5 @@
 """The classifier recipe: a real `accelerate launch` run, its results file, and its errors."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -8,19 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import load_recipe
 
 from sal_hf import AutoSALModelForImageClassification
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE = str(Path(sys.executable).parent / "accelerate")
-
-
-def load_recipe(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "recipes" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

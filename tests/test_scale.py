@@ -5,7 +5,6 @@ forward pass and is recomputed while its update is applied. It must give exactly
 gradients, and hold less memory than plain SAL on a deep model.
 """
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -13,20 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_mlp
+from helpers import load_recipe, tiny_mlp
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from sal_hf import SALConfig, convert_to_sal, parameter_counts
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_recipe(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "recipes" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ recipe runs end to end under Accelerate, reports every documented field and save
 that the matching AutoSAL class loads back.
 """
 
-import importlib.util
 import json
 import math
 import re
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import load_recipe
 from transformers import AutoTokenizer
 
 from sal_hf import (
@@ -33,14 +33,6 @@ COMMON_FIELDS = {
 }
 SMOKE = ["--max_steps", "3", "--eval_strategy", "no", "--logging_steps", "1",
          "--disable_tqdm", "true"]
-
-
-def load_recipe(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "recipes" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 def start(recipe: str, output_dir: Path, *arguments: str) -> subprocess.Popen:
