@@ -181,19 +181,28 @@ class _GroupedLinear(torch.autograd.Function):
         weights = weight.to(dtype)
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_input_sorted = grad_rows.new_empty(rows.shape) if need_input else None
-        grad_weight = torch.zeros_like(weight) if need_weight else None
-        grad_bias = grad_weight.new_zeros(weight.shape[:2]) if need_bias and ctx.has_bias else None
+        # Written area by area (in the compute dtype, cast once at the end if it differs).
+        grad_weight = grad_rows.new_empty(weight.shape) if need_weight else None
+        grad_bias = None
+        if need_bias and ctx.has_bias:
+            grad_bias = grad_rows.new_empty(weight.shape[:2])
         start = 0
         for area, size in enumerate(ctx.group_sizes):
-            if size:
-                grad_piece = grad_rows[start:start + size]
-                if need_input:
-                    torch.mm(grad_piece, weights[area], out=grad_input_sorted[start:start + size])
-                if need_weight:
-                    grad_weight[area] = grad_piece.T @ rows[start:start + size]
-                if grad_bias is not None:
-                    grad_bias[area] = grad_piece.sum(0)
+            grad_piece = grad_rows[start:start + size]
+            if need_input and size:
+                torch.mm(grad_piece, weights[area], out=grad_input_sorted[start:start + size])
+            if need_weight:
+                if size:
+                    torch.mm(grad_piece.T, rows[start:start + size], out=grad_weight[area])
+                else:
+                    grad_weight[area].zero_()
+            if grad_bias is not None:
+                torch.sum(grad_piece, dim=0, out=grad_bias[area])  # zero for an empty area
             start += size
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        if grad_bias is not None:
+            grad_bias = grad_bias.to(weight.dtype)
         grad_input = None
         if need_input:
             grad_input = grad_input_sorted.index_select(0, inverse).to(ctx.input_dtype)
