@@ -109,6 +109,15 @@ class SALController(nn.Module):
     def regions(self) -> Sequence[RegionSpec]:
         return tuple(self._regions)
 
+    def head_parameters(self) -> list[nn.Parameter]:
+        """The head's parameters (its input and output modules, each parameter once). A weight
+        the head shares with another module (GPT-2's tied `lm_head`) is among them."""
+        seen: dict[int, nn.Parameter] = {}
+        for module in self._head:
+            for parameter in module.parameters():
+                seen.setdefault(id(parameter), parameter)
+        return list(seen.values())
+
     def _build_routers(self, cfg: SALConfig) -> dict[str, Router]:
         routers = {}
         for index, region in enumerate(self._regions):

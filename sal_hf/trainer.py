@@ -44,6 +44,15 @@ class SALTrainingArguments(TrainingArguments):
         },
     )
 
+    head_learning_rate_scale: float = field(
+        default=1.0,
+        metadata={
+            "help": "Learning-rate multiplier for the head (the layers after the last region, "
+            "trained by their true gradient): a new head on a pretrained body often wants a "
+            "larger rate than the body. A head weight tied to the embeddings moves with it."
+        },
+    )
+
     def __post_init__(self) -> None:
         several_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1
         if several_processes and self.ddp_backend is None and not torch.cuda.is_available():
@@ -61,6 +70,10 @@ class SALTrainingArguments(TrainingArguments):
         scale = self.area_learning_rate_scale
         if scale is not None and not scale > 0:
             raise ValueError(f"area_learning_rate_scale must be > 0, got {scale!r}.")
+        if not self.head_learning_rate_scale > 0:
+            raise ValueError(
+                f"head_learning_rate_scale must be > 0, got {self.head_learning_rate_scale!r}."
+            )
 
 
 def accuracy_metrics(eval_prediction) -> dict[str, float]:
@@ -113,10 +126,11 @@ class SALTrainer(Trainer):
         self._loss_sums = torch.zeros(3, dtype=torch.float64)  # task, router, count
 
     def create_optimizer(self, model=None):
-        """The Trainer's optimizer, with area weights in their own groups at a scaled rate.
+        """The Trainer's optimizer, with area weights (and the head, if its scale is not 1) in
+        their own groups at scaled rates.
 
         A DeepSpeed config that names its own optimizer bypasses this method, and with it the
-        area scale.
+        scales.
         """
         optimizer = super().create_optimizer(model)
         area_parameters = {
@@ -126,11 +140,16 @@ class SALTrainer(Trainer):
             for name, parameter in module.named_parameters()
             if not name.startswith("shared.")
         }
-        if not area_parameters:
+        head_scale = self.args.head_learning_rate_scale
+        head_parameters = set()
+        if head_scale != 1.0:
+            head_parameters = {id(p) for p in self.sal_controller.head_parameters()}
+            area_parameters -= head_parameters
+        if not area_parameters and not head_parameters:
             return optimizer
         num_areas = self.sal_controller.sal_config.num_areas
         scale = self.args.area_learning_rate_scale or num_areas**-0.5
-        if self.is_deepspeed_enabled and scale != 1.0:
+        if self.is_deepspeed_enabled and (scale != 1.0 or head_scale != 1.0):
             # Limitation: under DeepSpeed ZeRO-2/3 the split groups' rates are not honoured
             # (measured: a 2-process ZeRO-2 run leaves the single-process trajectory after one
             # step, and matches it with area_learning_rate_scale=1); not yet traced.
@@ -142,12 +161,15 @@ class SALTrainer(Trainer):
         optimizer.param_groups.clear()
         for group in groups:
             areas = [p for p in group["params"] if id(p) in area_parameters]
-            others = [p for p in group["params"] if id(p) not in area_parameters]
-            for params, factor in ((others, 1.0), (areas, scale)):
+            head = [p for p in group["params"] if id(p) in head_parameters]
+            others = [p for p in group["params"]
+                      if id(p) not in area_parameters and id(p) not in head_parameters]
+            for params, factor in ((others, 1.0), (areas, scale), (head, head_scale)):
                 if params:
                     learning_rate = group["lr"] * factor
                     optimizer.add_param_group({**group, "params": params, "lr": learning_rate})
-        logger.info("Area weights train at %.4g x the learning rate.", scale)
+        logger.info("Area weights train at %.4g x the learning rate, the head at %.4g x.",
+                    scale, head_scale)
         return optimizer
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

@@ -141,3 +141,17 @@ def test_area_learning_rate_scale_can_be_set_and_is_validated(tmp_path):
     assert {group["lr"] for group in optimizer.param_groups} == {0.02}
     with pytest.raises(ValueError, match="area_learning_rate_scale must be > 0, got -1"):
         arguments(tmp_path, area_learning_rate_scale=-1.0)
+
+
+def test_head_learning_rate_scale_moves_only_the_head(tmp_path):
+    model = tiny_mlp(num_areas=4, residual=True, num_layers=3)
+    args = arguments(tmp_path, learning_rate=0.02, head_learning_rate_scale=5.0)
+    optimizer = SALTrainer(model=model, args=args, train_dataset=toy_dataset()).create_optimizer()
+    rate_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    assert rate_of[id(model.classifier.weight)] == pytest.approx(0.1)
+    assert rate_of[id(model.classifier.bias)] == pytest.approx(0.1)
+    assert rate_of[id(model.layers[1].dense.weight)] == pytest.approx(0.01)  # areas: 1/sqrt(4)
+    assert rate_of[id(model.sal_controller.routers["1"].projection.weight)] == pytest.approx(0.02)
+    assert len(rate_of) == len(list(model.parameters()))
+    with pytest.raises(ValueError, match="head_learning_rate_scale must be > 0, got 0"):
+        arguments(tmp_path, head_learning_rate_scale=0.0)
