@@ -152,7 +152,9 @@ def markdown_table(runs: list[dict], tries: list[dict] | None = None) -> str:
               f"AdamW, batch {BATCH_SIZE}, cosine schedule; SAL-16 with its shared path; "
               f"epochs per depth: {budget}. Loss logged every 10 steps with "
               "the Trainer's NaN/inf filter off; each logged loss is a mean over the steps "
-              "since the last log, so it is finite only if all of them were."]
+              "since the last log, so it is finite only if all of them were. One thread per "
+              "run; the runs shared the 2 cores with up to four other jobs, so step times "
+              "and train times are indicative only (the 6-epoch try ran beside the sweep)."]
     every = [*runs, *(tries or [])]
     verdicts = [_target_line([r]) for r in every]
     verdicts = [v for v in verdicts if v]
@@ -166,7 +168,7 @@ def markdown_table(runs: list[dict], tries: list[dict] | None = None) -> str:
     return "\n".join(lines)
 
 
-def plot(runs: list[dict], path: Path) -> Path:
+def plot(runs: list[dict], path: Path, tries: list[dict] | None = None) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -182,6 +184,10 @@ def plot(runs: list[dict], path: Path) -> Path:
         accuracy_axis.plot(depths, [100 * r["test_accuracy"] for r in rows], marker="o",
                            label=label)
         time_axis.plot(depths, [r["step_time_ms"] for r in rows], marker="o", label=label)
+    for r in tries or []:
+        accuracy_axis.plot([r["num_layers"]], [100 * r["test_accuracy"]], marker="*",
+                           markersize=12, linestyle="none",
+                           label=f"{run_label(r)}, {r['epochs']:g} epochs (try)")
     accuracy_axis.axhline(100 * TARGET["test_accuracy"], color="grey", linestyle=":",
                           label="target (SAL, 128 layers)")
     accuracy_axis.set(xscale="log", xlabel="hidden layers", ylabel="MNIST test accuracy %",
@@ -229,7 +235,7 @@ def record(options: argparse.Namespace, argv: list[str], runs: list[dict], secon
 
 
 def render(document: dict) -> None:
-    plot(document["runs"], PLOT_FILE)
+    plot(document["runs"], PLOT_FILE, document.get("tries", []))
     body = (markdown_table(document["runs"], document.get("tries", []))
             + "\n\n![accuracy and step time against depth](depth_sweep.png)")
     replace_section("depth_sweep", body, document["command"])
