@@ -7,7 +7,8 @@ ACCELERATE := $(VENV)/bin/accelerate
 OUT ?= outputs
 DEMO_EPOCHS ?= 15
 
-.PHONY: demo test lint bench bench-classifiers setup data clean
+.PHONY: demo test lint bench bench-classifiers bench-transformers bench-depth bench-streamed \
+	bench-1b setup data clean
 
 ## demo: train SAL-16 and tuned BP on MNIST and print them side by side
 demo: setup
@@ -27,11 +28,24 @@ test: setup lint
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check sal_hf recipes benchmarks tests
 
-## bench: the benchmarks that write benchmarks/results/*.json and docs/results.md
-bench: bench-classifiers
+## bench: every benchmark; each writes benchmarks/results/<name>.json and its docs/results.md
+## section (hours on 2 CPU cores; run one target at a time on a busy machine)
+bench: bench-classifiers bench-transformers bench-depth bench-streamed bench-1b
 
 bench-classifiers: setup
 	$(PY) benchmarks/classifiers.py
+
+bench-transformers: setup
+	$(PY) benchmarks/transformers_bench.py
+
+bench-depth: setup
+	$(PY) benchmarks/depth_sweep.py
+
+bench-streamed: setup
+	$(PY) benchmarks/streamed_memory.py
+
+bench-1b: setup
+	$(PY) benchmarks/llama_1b.py
 
 setup: $(VENV)/.installed data
 

@@ -32,7 +32,9 @@ from sal_hf.reporting import PeakMemory, run_label, usage_summary, write_results
 ROOT = Path(__file__).resolve().parents[1]
 
 RESULTS_FILE = ROOT / "benchmarks" / "results" / "classifiers.json"
-EPOCHS = {"mnist": 15, "fashion_mnist": 15, "digits": 60}
+# Fashion-MNIST SAL-16 (lr 1e-3) reached 87.33% test at 15 epochs and 88.67% at 30, still
+# rising; every method gets the same epochs.
+EPOCHS = {"mnist": 15, "fashion_mnist": 30, "digits": 60}
 TARGETS = {  # from the project's issue; the paper's figures for reference
     ("mnist", "sal"): 0.975, ("mnist", "bp"): 0.980,
     ("fashion_mnist", "sal"): 0.88, ("digits", "sal"): 0.96,
