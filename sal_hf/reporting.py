@@ -157,7 +157,7 @@ def plot_learning_curves(
 def run_label(results: dict) -> str:
     if results["method"] == "sal":
         shared = results.get("shared_path", (results.get("sal_config") or {}).get("shared_path"))
-        return f"SAL-{results['num_areas']}" + ("" if shared else " (areas only)")
+        return f"SAL-{results['num_areas']}" + (" + shared path" if shared else "")
     if results["method"] == "bp" and results.get("bp_recipe") == "paper":
         return "BP (paper recipe)"
     return results["method"].upper()
