@@ -64,9 +64,13 @@ def planned_runs(datasets: list[str]) -> list[tuple[str, list[str]]]:
 
 
 def recipe_command(arguments: list[str], output_dir: Path, quick: bool) -> list[str]:
+    # One thread per run: on a 2-core machine shared with other work, two threads per process
+    # oversubscribe the cores (a 15-epoch Fashion-MNIST SAL-16 run took 1,678 s at two threads
+    # beside other jobs, 216 s at one).
     command = [
         str(Path(sys.executable).parent / "accelerate"), "launch",
-        "--config_file", "accelerate_configs/cpu.yaml", "recipes/train_classifier.py",
+        "--config_file", "accelerate_configs/cpu.yaml", "--num_cpu_threads_per_process", "1",
+        "recipes/train_classifier.py",
         *arguments, "--output_dir", str(output_dir), "--disable_tqdm", "true",
     ]
     return command + (["--limit", "512", "--max_steps", "8"] if quick else [])
