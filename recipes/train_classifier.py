@@ -50,6 +50,7 @@ PAPER_BP_RECIPE = dict(
     lr_scheduler_type="constant",
     warmup_steps=0,
     weight_decay=0.0,
+    max_grad_norm=0.0,  # plain SGD: no clipping (the Trainer clips at 1.0 by default)
 )
 
 

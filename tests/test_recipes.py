@@ -62,6 +62,8 @@ def test_paper_recipe_sets_the_papers_optimizer():
     assert str(training_args.optim).endswith("sgd") or training_args.optim == "sgd"
     assert (training_args.learning_rate, training_args.per_device_train_batch_size,
             training_args.num_train_epochs) == (1e-4, 16, 25)
+    assert not training_args.max_grad_norm  # plain SGD, no clipping
+    assert training_args.weight_decay == 0.0 and training_args.lr_scheduler_type == "constant"
 
 
 def test_paper_recipe_with_sal_is_refused(capsys):
