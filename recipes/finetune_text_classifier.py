@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import statistics
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,14 +28,19 @@ from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
     HfArgumentParser,
-    TrainerCallback,
     set_seed,
 )
 
 from sal_hf import SALConfig, convert_to_sal, parameter_counts
 from sal_hf.data import load_rotten_tomatoes
-from sal_hf.reporting import PeakMemory, distributed_info, plot_learning_curves, write_results
-from sal_hf.trainer import SALTrainer, SALTrainingArguments
+from sal_hf.reporting import (
+    PeakMemory,
+    StepTimer,
+    distributed_info,
+    plot_learning_curves,
+    write_results,
+)
+from sal_hf.trainer import SALTrainer, SALTrainingArguments, area_learning_rate_scale
 
 logger = logging.getLogger("finetune_text_classifier")
 
@@ -130,27 +134,6 @@ def tokenized_splits(tokenizer, max_length: int, seed: int, limit: int | None):
     )
 
 
-class StepTimer(TrainerCallback):
-    """Wall time of each optimizer step (forward, backward, update), evaluation excluded."""
-
-    def __init__(self) -> None:
-        self.durations: list[float] = []
-        self._started = 0.0
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self._started = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.durations.append(time.perf_counter() - self._started)
-
-
-def area_learning_rate_scale(training_args, sal_config: SALConfig) -> float | None:
-    """The multiplier SALTrainer applies to the area weights' rate (None: one area)."""
-    if sal_config.num_areas < 2:
-        return None
-    return training_args.area_learning_rate_scale or sal_config.num_areas**-0.5
-
-
 def main(argv: list[str] | None = None) -> dict:
     args, training_args = parse_arguments(argv)
     logging.basicConfig(level=logging.INFO if training_args.should_log else logging.WARNING)
@@ -203,7 +186,7 @@ def collect_results(args, training_args, trainer, train_output, test_metrics, me
         "area_usage": trainer.last_area_usage,
         "total_parameters": counts["total"], "active_parameters": counts["active"],
         "learning_rate": training_args.learning_rate,
-        "area_learning_rate_scale": area_learning_rate_scale(training_args, sal_config),
+        "area_learning_rate_scale": area_learning_rate_scale(training_args, sal_config.num_areas),
         "batch_size": training_args.per_device_train_batch_size,
         "seed": training_args.seed, "sal_seed": args.sal_seed,
         "sal_config": sal_config.to_dict(),

@@ -19,7 +19,6 @@ import logging
 import math
 import statistics
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,7 +34,6 @@ from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedTokenizerFast,
-    TrainerCallback,
     default_data_collator,
     set_seed,
 )
@@ -44,11 +42,12 @@ from sal_hf import SALConfig, convert_to_sal, parameter_counts
 from sal_hf.data import CORPORA, load_corpus, split_corpus
 from sal_hf.reporting import (
     PeakMemory,
+    StepTimer,
     distributed_info,
     plot_learning_curves,
     write_results,
 )
-from sal_hf.trainer import SALTrainer, SALTrainingArguments
+from sal_hf.trainer import SALTrainer, SALTrainingArguments, area_learning_rate_scale
 
 logger = logging.getLogger("train_causal_lm")
 
@@ -211,20 +210,6 @@ def build_model(args: CausalLMArguments, tokenizer: PreTrainedTokenizerFast):
     return convert_to_sal(model, sal_config)
 
 
-class StepTimer(TrainerCallback):
-    """Wall time of each optimizer step (forward, backward, update), evaluation excluded."""
-
-    def __init__(self) -> None:
-        self.durations: list[float] = []
-        self._started = 0.0
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self._started = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.durations.append(time.perf_counter() - self._started)
-
-
 def final_evaluation(trainer: SALTrainer) -> dict[str, float]:
     """The validation metrics after training; reused when the last step was just evaluated."""
     history = trainer.state.log_history
@@ -232,13 +217,6 @@ def final_evaluation(trainer: SALTrainer) -> dict[str, float]:
     if last is not None and last["step"] == trainer.state.global_step:
         return last
     return trainer.evaluate()
-
-
-def area_learning_rate_scale(training_args, sal_config: SALConfig) -> float | None:
-    """The multiplier SALTrainer applies to the area weights' rate (None: one area)."""
-    if sal_config.num_areas < 2:
-        return None
-    return training_args.area_learning_rate_scale or sal_config.num_areas**-0.5
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -300,7 +278,7 @@ def collect_results(args, training_args, trainer, train_output, eval_metrics, me
         "area_usage": trainer.last_area_usage,
         "total_parameters": counts["total"], "active_parameters": counts["active"],
         "learning_rate": training_args.learning_rate,
-        "area_learning_rate_scale": area_learning_rate_scale(training_args, sal_config),
+        "area_learning_rate_scale": area_learning_rate_scale(training_args, sal_config.num_areas),
         "batch_size": training_args.per_device_train_batch_size,
         "seed": training_args.seed, "sal_seed": args.sal_seed,
         "sal_config": sal_config.to_dict(),

@@ -44,7 +44,6 @@ import logging
 import os
 import statistics
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,7 +63,7 @@ from transformers import (
 
 from sal_hf import SALConfig, convert_to_sal, get_controller, parameter_counts
 from sal_hf.data import CORPORA, load_corpus, split_corpus
-from sal_hf.reporting import PeakMemory, distributed_info, write_results
+from sal_hf.reporting import PeakMemory, StepTimer, distributed_info, write_results
 from sal_hf.trainer import SALTrainer, SALTrainingArguments
 
 logger = logging.getLogger("train_llama_1b")
@@ -171,20 +170,6 @@ def build_model(args: Llama1BArguments, vocab_size: int) -> LlamaForCausalLM:
     return convert_to_sal(model, sal_config)
 
 
-class StepRecorder(TrainerCallback):
-    """Wall time of each optimizer step, and the losses the SAL Trainer logs at each step."""
-
-    def __init__(self) -> None:
-        self.durations: list[float] = []
-        self._started = 0.0
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self._started = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.durations.append(time.perf_counter() - self._started)
-
-
 class RecordRegionOutputsLast(TrainerCallback):
     """Run SAL's output hooks after the ones DeepSpeed adds when the Trainer wraps the model.
 
@@ -270,7 +255,7 @@ def main(argv: list[str]) -> dict:
                 counts["total"] / 1e9, counts["active"] / 1e6)
 
     training_args = training_arguments(remaining, args.eval_blocks)
-    recorder = StepRecorder()
+    recorder = StepTimer()
     trainer = SALTrainer(
         model=model, args=training_args, train_dataset=train_blocks,
         eval_dataset=validation_blocks,

@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import statistics
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +23,6 @@ import torch
 import transformers
 from transformers import (
     HfArgumentParser,
-    TrainerCallback,
     ViTConfig,
     ViTForImageClassification,
     set_seed,
@@ -32,8 +30,14 @@ from transformers import (
 
 from sal_hf import SALConfig, convert_to_sal, parameter_counts
 from sal_hf.data import image_dataset_info, load_image_dataset
-from sal_hf.reporting import PeakMemory, distributed_info, plot_learning_curves, write_results
-from sal_hf.trainer import SALTrainer, SALTrainingArguments
+from sal_hf.reporting import (
+    PeakMemory,
+    StepTimer,
+    distributed_info,
+    plot_learning_curves,
+    write_results,
+)
+from sal_hf.trainer import SALTrainer, SALTrainingArguments, area_learning_rate_scale
 
 logger = logging.getLogger("train_vit")
 
@@ -111,27 +115,6 @@ def build_model(args: ViTArguments, num_labels: int) -> ViTForImageClassificatio
     return convert_to_sal(ViTForImageClassification(config), sal_config)
 
 
-class StepTimer(TrainerCallback):
-    """Wall time of each optimizer step (forward, backward, update), evaluation excluded."""
-
-    def __init__(self) -> None:
-        self.durations: list[float] = []
-        self._started = 0.0
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self._started = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.durations.append(time.perf_counter() - self._started)
-
-
-def area_learning_rate_scale(training_args, sal_config: SALConfig) -> float | None:
-    """The multiplier SALTrainer applies to the area weights' rate (None: one area)."""
-    if sal_config.num_areas < 2:
-        return None
-    return training_args.area_learning_rate_scale or sal_config.num_areas**-0.5
-
-
 def main(argv: list[str] | None = None) -> dict:
     args, training_args = parse_arguments(argv)
     logging.basicConfig(level=logging.INFO if training_args.should_log else logging.WARNING)
@@ -182,7 +165,7 @@ def collect_results(args, training_args, trainer, train_output, test_metrics, me
         "area_usage": trainer.last_area_usage,
         "total_parameters": counts["total"], "active_parameters": counts["active"],
         "learning_rate": training_args.learning_rate,
-        "area_learning_rate_scale": area_learning_rate_scale(training_args, sal_config),
+        "area_learning_rate_scale": area_learning_rate_scale(training_args, sal_config.num_areas),
         "batch_size": training_args.per_device_train_batch_size,
         "seed": training_args.seed, "sal_seed": args.sal_seed,
         "sal_config": sal_config.to_dict(),

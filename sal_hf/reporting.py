@@ -12,9 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import TrainerCallback
 
 __all__ = [
     "PeakMemory",
+    "StepTimer",
     "distributed_info",
     "plot_learning_curves",
     "run_label",
@@ -170,3 +172,17 @@ def usage_summary(results: dict) -> str:
         entropy = -sum(f * math.log(f) for f in fractions if f > 0) / math.log(len(fractions))
         parts.append(f"{layer}: H/logK={entropy:.3f} max={max(fractions):.3f}")
     return "; ".join(parts) if parts else "one area"
+
+
+class StepTimer(TrainerCallback):
+    """Wall time of each optimizer step (forward, backward, update), evaluation excluded."""
+
+    def __init__(self) -> None:
+        self.durations: list[float] = []
+        self._started = 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._started = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.durations.append(time.perf_counter() - self._started)

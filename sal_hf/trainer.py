@@ -22,7 +22,10 @@ from .areas import AreaLinear
 from .regions import SALController, get_controller
 from .routing import usage_entropy
 
-__all__ = ["SALTrainer", "SALTrainingArguments", "accuracy_metrics", "argmax_logits"]
+__all__ = [
+    "SALTrainer", "SALTrainingArguments", "accuracy_metrics", "area_learning_rate_scale",
+    "argmax_logits",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +77,13 @@ class SALTrainingArguments(TrainingArguments):
             raise ValueError(
                 f"head_learning_rate_scale must be > 0, got {self.head_learning_rate_scale!r}."
             )
+
+
+def area_learning_rate_scale(args: SALTrainingArguments, num_areas: int) -> float | None:
+    """The multiplier `SALTrainer` applies to area weights' learning rate; None for one area."""
+    if num_areas < 2:
+        return None
+    return args.area_learning_rate_scale or num_areas**-0.5
 
 
 def accuracy_metrics(eval_prediction) -> dict[str, float]:
@@ -147,8 +157,8 @@ class SALTrainer(Trainer):
             area_parameters -= head_parameters
         if not area_parameters and not head_parameters:
             return optimizer
-        num_areas = self.sal_controller.sal_config.num_areas
-        scale = self.args.area_learning_rate_scale or num_areas**-0.5
+        scale = area_learning_rate_scale(self.args, self.sal_controller.sal_config.num_areas)
+        scale = 1.0 if scale is None else scale
         if self.is_deepspeed_enabled and (scale != 1.0 or head_scale != 1.0):
             # Limitation: under DeepSpeed ZeRO-2/3 the split groups' rates are not honoured
             # (measured: a 2-process ZeRO-2 run leaves the single-process trajectory after one
