@@ -373,6 +373,11 @@ def _load_checked(
             f"config and the weights disagree: {' | '.join(problems)}. Restore the "
             f"{CONFIG_NAME} saved with these weights, or save the model again."
         )
+    if keep_saved_dtypes:
+        # The tensors become the parameters: give each its own allocation. Views into the file's
+        # buffer keep the whole buffer alive and sit at the file's 8-byte offsets, where BLAS
+        # takes other code paths than on the allocator's aligned memory and rounds differently.
+        state_dict = {name: tensor.clone() for name, tensor in state_dict.items()}
     # Not strict only because tied keys may be absent; everything else was checked above.
     model.load_state_dict(state_dict, strict=False, assign=keep_saved_dtypes)
 
