@@ -134,15 +134,21 @@ class SALTrainer(Trainer):
         self.sal_controller: SALController = controller
         self.last_area_usage: dict[str, list[float]] = {}
         self._loss_sums = torch.zeros(3, dtype=torch.float64)  # task, router, count
+        self._split_optimizer: torch.optim.Optimizer | None = None
 
     def create_optimizer(self, model=None):
         """The Trainer's optimizer, with area weights (and the head, if its scale is not 1) in
         their own groups at scaled rates.
 
-        A DeepSpeed config that names its own optimizer bypasses this method, and with it the
-        scales.
+        The groups are split once per optimizer: the Trainer calls this method again on an
+        optimizer it already has (twice under DeepSpeed, from `deepspeed_init` and again before
+        `accelerator.prepare`; once more on every later `train()`), and splitting again would
+        multiply the scaled rates by their scale a second time. A DeepSpeed config that names
+        its own optimizer bypasses this method, and with it the scales.
         """
         optimizer = super().create_optimizer(model)
+        if optimizer is self._split_optimizer:
+            return optimizer
         area_parameters = {
             id(parameter)
             for module in self.model.modules()
@@ -159,14 +165,6 @@ class SALTrainer(Trainer):
             return optimizer
         scale = area_learning_rate_scale(self.args, self.sal_controller.sal_config.num_areas)
         scale = 1.0 if scale is None else scale
-        if self.is_deepspeed_enabled and (scale != 1.0 or head_scale != 1.0):
-            # Limitation: under DeepSpeed ZeRO-2/3 the split groups' rates are not honoured
-            # (measured: a 2-process ZeRO-2 run leaves the single-process trajectory after one
-            # step, and matches it with area_learning_rate_scale=1); not yet traced.
-            logger.warning(
-                "area_learning_rate_scale=%.4g may not be applied under DeepSpeed ZeRO; pass "
-                "--area_learning_rate_scale 1 for runs that must match a single process.", scale,
-            )
         groups = list(optimizer.param_groups)
         optimizer.param_groups.clear()
         for group in groups:
@@ -180,6 +178,7 @@ class SALTrainer(Trainer):
                     optimizer.add_param_group({**group, "params": params, "lr": learning_rate})
         logger.info("Area weights train at %.4g x the learning rate, the head at %.4g x.",
                     scale, head_scale)
+        self._split_optimizer = optimizer
         return optimizer
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

@@ -14,12 +14,15 @@ process writes a JSON report:
   router running means, the samples of each step, and the checksum of the final state as
   that rank gathered it;
 - `log_history`: the main process's `trainer.state.log_history`;
-- `changed_areas`: per area layer, whether each area's weights moved during the run.
+- `changed_areas`: per area layer, whether each area's weights moved during the run;
+- `group_learning_rates`: the learning rate of each parameter group of the optimizer that steps.
 
 Options force ranks onto disjoint areas (`--force_rank_areas`), save checkpoints
 (`--save_steps`), resume (`--resume_from`), accumulate gradients (`--grad_accum`), write the
 gathered final state as safetensors (`--save_gathered`), switch the routers' balance term off
-(`--balance_loss_weight 0`) and log every N steps (`--logging_steps`).
+(`--balance_loss_weight 0`), log every N steps (`--logging_steps`) and set the area and head
+learning-rate multipliers (`--area_learning_rate_scale`, SAL's default when unset, and
+`--head_learning_rate_scale`).
 """
 
 from __future__ import annotations
@@ -64,6 +67,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--num_areas", type=int, default=4)
     parser.add_argument("--learning_rate", type=float, default=1e-3)
     parser.add_argument("--optim", default="adamw_torch", help="TrainingArguments.optim")
+    parser.add_argument(
+        "--area_learning_rate_scale", type=float, default=None, help="unset: SAL's default"
+    )
+    parser.add_argument("--head_learning_rate_scale", type=float, default=1.0)
     parser.add_argument("--balance_loss_weight", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--logging_steps", type=int, default=1)
@@ -178,9 +185,8 @@ def training_arguments(args: argparse.Namespace) -> SALTrainingArguments:
     return SALTrainingArguments(
         output_dir=args.output_dir,
         max_steps=args.max_steps,
-        # ZeRO does not keep the area learning-rate groups (see SALTrainer.create_optimizer),
-        # so the runs compared here use one rate for every parameter.
-        area_learning_rate_scale=1.0,
+        area_learning_rate_scale=args.area_learning_rate_scale,
+        head_learning_rate_scale=args.head_learning_rate_scale,
         per_device_train_batch_size=per_device,
         gradient_accumulation_steps=args.grad_accum,
         learning_rate=args.learning_rate,
@@ -238,6 +244,12 @@ def engine_info(wrapped: nn.Module) -> dict[str, Any]:
     return info
 
 
+def group_learning_rates(trainer: SALTrainer) -> list[float]:
+    """The learning rate of each parameter group of the optimizer that really steps (under
+    ZeRO, DeepSpeed's optimizer shows the groups of the torch optimizer it wraps)."""
+    return [group["lr"] for group in trainer.optimizer.param_groups]
+
+
 def all_gather(value: Any) -> list[Any]:
     if not (dist.is_available() and dist.is_initialized()):
         return [value]
@@ -275,6 +287,7 @@ def write_report(
         "steps": step_losses([r.pop("log_history") for r in ranks]),
         "log_history": trainer.state.log_history,
         "distributed": {**distributed_info(trainer), **engine_info(trainer.model_wrapped)},
+        "group_learning_rates": group_learning_rates(trainer),
         "final_checksum": checksum(final),
         "changed_areas": changed_areas(initial, final_weights),
         "ranks": ranks,

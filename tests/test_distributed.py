@@ -17,7 +17,10 @@ own halves, or a different micro-batch split under gradient accumulation, move t
 
 Most trajectory runs set `balance_loss_weight=0` to isolate the rest of the update; one run with
 the balance term checks that the term is computed over the global batch (before it was, a
-per-rank balance term put the task loss 0.19 apart after 4 steps).
+per-rank balance term put the task loss 0.19 apart after 4 steps). Every run trains the area
+weights at SAL's default rate (1/sqrt(4) of the learning rate), and the accumulation pair also
+the head at 2x, so the trajectory tests also check that each set-up steps with those rates
+(ZeRO once applied the scales twice: area weights at 1/4, the loss 2e-2 apart after one step).
 """
 
 from __future__ import annotations
@@ -55,6 +58,8 @@ LAUNCH_TIMEOUT_S = 300
 TRAJECTORY_RTOL = 1e-5
 STEPS = 6
 NO_BALANCE = ["--balance_loss_weight", "0"]
+HEAD_X2 = ["--head_learning_rate_scale", "2"]
+LEARNING_RATE = 1e-3  # the worker's; area weights train at 1/sqrt(4 areas) of it
 
 # name: (config, worker arguments). `{dir:NAME}` is the folder of run NAME.
 RUNS: dict[str, tuple[str, list[str]]] = {
@@ -69,8 +74,8 @@ RUNS: dict[str, tuple[str, list[str]]] = {
         "cpu_zero3",
         [*NO_BALANCE, "--resume_from", "{dir:zero3}/trainer/checkpoint-3"],
     ),
-    "single_accum": ("cpu", [*NO_BALANCE, "--grad_accum", "2"]),
-    "zero3_accum": ("cpu_zero3", [*NO_BALANCE, "--grad_accum", "2"]),
+    "single_accum": ("cpu", [*NO_BALANCE, *HEAD_X2, "--grad_accum", "2"]),
+    "zero3_accum": ("cpu_zero3", [*NO_BALANCE, *HEAD_X2, "--grad_accum", "2"]),
     "ddp_forced": ("cpu_ddp", ["--force_rank_areas"]),
     "zero3_forced": ("cpu_zero3", ["--force_rank_areas"]),
     "single_balance": ("cpu", ["--logging_steps", "3"]),
@@ -217,11 +222,32 @@ def test_ranks_end_with_identical_parameters_and_router_state(runs: Runs, name: 
     assert first["running_means"] == second["running_means"]
 
 
+# Per parameter group, in the order SALTrainer builds them: for the decayed, then the
+# undecayed parameters, the rest (routers), the area weights, and the head if it has its own rate.
+GROUP_RATES = [LEARNING_RATE, LEARNING_RATE / 2] * 2
+GROUP_RATES_HEAD_X2 = [LEARNING_RATE, LEARNING_RATE / 2, 2 * LEARNING_RATE] * 2
+
+
+@pytest.mark.parametrize(
+    ("name", "rates"),
+    [("single", GROUP_RATES), ("ddp", GROUP_RATES), ("zero2", GROUP_RATES),
+     ("zero3", GROUP_RATES), ("single_accum", GROUP_RATES_HEAD_X2),
+     ("zero3_accum", GROUP_RATES_HEAD_X2)],
+)
+def test_the_stepping_optimizer_keeps_each_groups_scaled_learning_rate(
+    runs: Runs, name: str, rates: list[float]
+) -> None:
+    # Under DeepSpeed the Trainer asks SALTrainer for the optimizer twice; the scales must be
+    # applied once (applied twice, the area weights trained at 1/4 of the rate, not 1/2).
+    assert runs[name]["group_learning_rates"] == pytest.approx(rates, rel=1e-12)
+
+
 def test_gradient_accumulation_under_zero3_follows_the_single_process_trajectory(
     runs: Runs,
 ) -> None:
     # Two processes x 8 samples x 2 micro-steps against one process x 16 x 2: each micro-step
-    # sees the same 16 samples, so the routers' running means update identically too.
+    # sees the same 16 samples, so the routers' running means update identically too. Both
+    # train the head at 2x the learning rate.
     report = runs["zero3_accum"]
     engine = report["distributed"]
     assert (engine["engine_micro_batch"], engine["engine_grad_accum"]) == (8, 2)

@@ -143,6 +143,22 @@ def test_area_learning_rate_scale_can_be_set_and_is_validated(tmp_path):
         arguments(tmp_path, area_learning_rate_scale=-1.0)
 
 
+def test_a_second_create_optimizer_call_does_not_scale_the_rates_again(tmp_path):
+    # DeepSpeed's set-up calls create_optimizer twice (deepspeed_init, then before prepare).
+    model = tiny_mlp(num_areas=4, residual=True, num_layers=3)
+    args = arguments(tmp_path, learning_rate=0.02, head_learning_rate_scale=5.0)
+    trainer = SALTrainer(model=model, args=args, train_dataset=toy_dataset())
+
+    def groups() -> list[tuple[float, int]]:
+        return [(group["lr"], len(group["params"]))
+                for group in trainer.create_optimizer().param_groups]
+
+    first = groups()
+    again = groups()
+    assert again == first
+    assert sorted({rate for rate, _ in again}) == pytest.approx([0.01, 0.02, 0.1])
+
+
 def test_head_learning_rate_scale_moves_only_the_head(tmp_path):
     model = tiny_mlp(num_areas=4, residual=True, num_layers=3)
     args = arguments(tmp_path, learning_rate=0.02, head_learning_rate_scale=5.0)
