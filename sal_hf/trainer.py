@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from accelerate.utils import DistributedType
 from transformers import Trainer, TrainingArguments
 
 from .areas import AreaLinear
@@ -135,6 +136,25 @@ class SALTrainer(Trainer):
         self.last_area_usage: dict[str, list[float]] = {}
         self._loss_sums = torch.zeros(3, dtype=torch.float64)  # task, router, count
         self._split_optimizer: torch.optim.Optimizer | None = None
+        self._warn_if_fsdp_dropped()
+
+    def _warn_if_fsdp_dropped(self) -> None:
+        """Warn when FSDP was asked for (an FSDP accelerate config, or `fsdp=`) but does not run.
+
+        Accelerate makes a run FSDP only when its processes are of a GPU-like type
+        (`AcceleratorState` switches to FSDP from MULTI_GPU, MULTI_XPU, ... but never from
+        MULTI_CPU); CPU processes silently run DDP instead, or, without ACCELERATE_USE_CPU=1,
+        as unsynchronised single processes.
+        """
+        requested = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+        running = self.accelerator.distributed_type
+        if requested and running != DistributedType.FSDP:
+            logger.warning(
+                "FSDP was requested but Accelerate runs %s on %d process(es): Accelerate enables "
+                "FSDP only on GPU-type devices. On CPUs use accelerate_configs/cpu_ddp.yaml or "
+                "cpu_zero3.yaml (sharded) instead.",
+                str(running).split(".")[-1], self.accelerator.num_processes,
+            )
 
     def create_optimizer(self, model=None):
         """The Trainer's optimizer, with area weights (and the head, if its scale is not 1) in

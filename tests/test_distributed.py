@@ -21,6 +21,9 @@ per-rank balance term put the task loss 0.19 apart after 4 steps). Every run tra
 weights at SAL's default rate (1/sqrt(4) of the learning rate), and the accumulation pair also
 the head at 2x, so the trajectory tests also check that each set-up steps with those rates
 (ZeRO once applied the scales twice: area weights at 1/4, the loss 2e-2 apart after one step).
+
+FSDP is not among the set-ups: Accelerate runs FSDP only on GPU-type processes (see the
+`# Limitation:` in accelerate_configs/fsdp.yaml).
 """
 
 from __future__ import annotations

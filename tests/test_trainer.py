@@ -159,6 +159,14 @@ def test_a_second_create_optimizer_call_does_not_scale_the_rates_again(tmp_path)
     assert sorted({rate for rate, _ in again}) == pytest.approx([0.01, 0.02, 0.1])
 
 
+def test_an_fsdp_request_that_accelerate_drops_is_warned_about(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what an FSDP accelerate config sets
+    with caplog.at_level("WARNING", logger="sal_hf.trainer"):
+        SALTrainer(model=tiny_mlp(num_areas=2), args=arguments(tmp_path),
+                   train_dataset=toy_dataset())
+    assert "FSDP was requested but Accelerate runs NO on 1 process(es)" in caplog.text
+
+
 def test_head_learning_rate_scale_moves_only_the_head(tmp_path):
     model = tiny_mlp(num_areas=4, residual=True, num_layers=3)
     args = arguments(tmp_path, learning_rate=0.02, head_learning_rate_scale=5.0)
