@@ -136,15 +136,38 @@ class SALTrainer(Trainer):
         self.last_area_usage: dict[str, list[float]] = {}
         self._loss_sums = torch.zeros(3, dtype=torch.float64)  # task, router, count
         self._split_optimizer: torch.optim.Optimizer | None = None
+        self._refuse_unsynchronised_processes()
         self._warn_if_fsdp_dropped()
+
+    def _refuse_unsynchronised_processes(self) -> None:
+        """Stop when several processes were launched but Accelerate distributes none of them.
+
+        A launcher of several processes (torchrun, which `accelerate launch` uses for
+        MULTI_GPU-type configs such as cpu_ddp.yaml) sets WORLD_SIZE in each. On CPUs, unless
+        the processes are told to use the CPU, Accelerate finds no GPU-type device and keeps
+        distributed type NO: every process would then train its own copy of the model on its
+        own share of the data, with nothing to say so.
+        """
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        running = self.accelerator.distributed_type
+        if world_size > 1 and running == DistributedType.NO:
+            raise RuntimeError(
+                f"WORLD_SIZE={world_size} but Accelerate's distributed type is "
+                f"{str(running).split('.')[-1]}: each of the {world_size} processes would train "
+                "its own unsynchronised copy of the model. On CPUs, set ACCELERATE_USE_CPU=1 for "
+                "the launch (ACCELERATE_USE_CPU=1 accelerate launch --config_file "
+                "accelerate_configs/cpu_ddp.yaml ...): a config's `use_cpu: true` reaches the "
+                "processes through Accelerate's single-process and mpirun launchers only, not "
+                "through the torchrun launcher of a MULTI_GPU-type config."
+            )
 
     def _warn_if_fsdp_dropped(self) -> None:
         """Warn when FSDP was asked for (an FSDP accelerate config, or `fsdp=`) but does not run.
 
         Accelerate makes a run FSDP only when its processes are of a GPU-like type
         (`AcceleratorState` switches to FSDP from MULTI_GPU, MULTI_XPU, ... but never from
-        MULTI_CPU); CPU processes silently run DDP instead, or, without ACCELERATE_USE_CPU=1,
-        as unsynchronised single processes.
+        MULTI_CPU); CPU processes with ACCELERATE_USE_CPU=1 silently run DDP instead (without
+        it, `_refuse_unsynchronised_processes` has stopped the run already).
         """
         requested = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
         running = self.accelerator.distributed_type

@@ -167,6 +167,18 @@ def test_an_fsdp_request_that_accelerate_drops_is_warned_about(tmp_path, monkeyp
     assert "FSDP was requested but Accelerate runs NO on 1 process(es)" in caplog.text
 
 
+def test_several_processes_that_accelerate_does_not_distribute_are_refused(tmp_path, monkeypatch):
+    # What `accelerate launch --config_file accelerate_configs/cpu_ddp.yaml` gives each process
+    # without ACCELERATE_USE_CPU=1: torchrun's WORLD_SIZE=2, Accelerate's distributed type NO.
+    # The arguments are built before WORLD_SIZE is set, and without `use_cpu`: otherwise
+    # Accelerate would look for a real process group.
+    args = arguments(tmp_path, use_cpu=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    expected = r"WORLD_SIZE=2 but Accelerate's distributed type is NO: .* ACCELERATE_USE_CPU=1"
+    with pytest.raises(RuntimeError, match=expected):
+        SALTrainer(model=tiny_mlp(num_areas=2), args=args, train_dataset=toy_dataset())
+
+
 def test_head_learning_rate_scale_moves_only_the_head(tmp_path):
     model = tiny_mlp(num_areas=4, residual=True, num_layers=3)
     args = arguments(tmp_path, learning_rate=0.02, head_learning_rate_scale=5.0)
