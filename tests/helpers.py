@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import socket
 import sys
 from pathlib import Path
+
+import psutil
 
 from sal_hf import MLPClassifierConfig, MLPForImageClassification, SALConfig, convert_to_sal
 
@@ -32,3 +36,18 @@ def load_recipe(name: str):
     sys.modules[name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now, for a local rendezvous."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def kill_tree(pid: int) -> None:
+    """Kill a launch and every process under it (torchrun starts workers in new sessions)."""
+    parent = psutil.Process(pid)
+    for process in [*parent.children(recursive=True), parent]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()

@@ -23,25 +23,23 @@ the head at 2x, so the trajectory tests also check that each set-up steps with t
 (ZeRO once applied the scales twice: area weights at 1/4, the loss 2e-2 apart after one step).
 
 FSDP is not among the set-ups: Accelerate runs FSDP only on GPU-type processes (see the
-`# Limitation:` in accelerate_configs/fsdp.yaml).
+`# Limitation:` in accelerate_configs/fsdp.yaml); tests/test_fsdp.py runs FSDP2 through torch.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 import torch
+from helpers import free_port, kill_tree
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -86,12 +84,6 @@ RUNS: dict[str, tuple[str, list[str]]] = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _environment(config: str) -> dict[str, str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("ACCELERATE_USE_CPU", None)
@@ -100,21 +92,13 @@ def _environment(config: str) -> dict[str, str]:
     return env
 
 
-def _kill_tree(pid: int) -> None:
-    """Kill a launch and every process under it (torchrun starts workers in new sessions)."""
-    parent = psutil.Process(pid)
-    for process in [*parent.children(recursive=True), parent]:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            process.kill()
-
-
 def _launch(config: str, args: list[str], folder: Path) -> dict[str, Any]:
     """Run the worker under `config`; return its report. Kills the whole run on timeout."""
     folder.mkdir(parents=True)
     report = folder / "report.json"
     command = [
         str(ACCELERATE), "launch", "--config_file", f"accelerate_configs/{config}.yaml",
-        "--main_process_port", str(_free_port()), str(WORKER),
+        "--main_process_port", str(free_port()), str(WORKER),
         "--output", str(report), "--output_dir", str(folder / "trainer"),
         "--max_steps", str(STEPS), *args,
     ]
@@ -125,7 +109,7 @@ def _launch(config: str, args: list[str], folder: Path) -> dict[str, Any]:
         try:
             code = process.wait(timeout=LAUNCH_TIMEOUT_S)
         except subprocess.TimeoutExpired:
-            _kill_tree(process.pid)
+            kill_tree(process.pid)
             process.wait()
             code = None
     tail = (folder / "log.txt").read_text()[-4000:]

@@ -111,6 +111,14 @@ class MLPForImageClassification(MLPPreTrainedModel):
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 
+    def get_input_embeddings(self) -> None:
+        """None: the MLP has no embedding table; its first hidden layer reads the pixels.
+
+        `PreTrainedModel`'s default raises NotImplementedError instead, which stops callers
+        that ask every model for its embeddings, such as Accelerate's FSDP2 set-up.
+        """
+        return None
+
     def forward(self, pixel_values, labels=None) -> ImageClassifierOutput:
         hidden_states = pixel_values.flatten(1).to(self.classifier.weight.dtype)
         for layer in self.layers:
