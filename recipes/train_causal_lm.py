@@ -105,6 +105,11 @@ class CausalLMArguments:
     feedback_rank: int | None = field(
         default=None, metadata={"help": "Rank of compressed feedback (auto above 1024 outputs)."}
     )
+    feedback_blocks: int | None = field(
+        default=None,
+        metadata={"help": "Diagonal blocks of the compressed feedback (default: 1 with "
+                  "--feedback_rank, else chosen with the rank)."},
+    )
     feedback_scale: float = field(default=1.0, metadata={"help": "Scale of feedback matrices."})
     routing_dim: int = field(default=32, metadata={"help": "Width of the routing space."})
     shared_path: bool = field(default=False, metadata={"help": "Add an always-on dense path."})
@@ -204,7 +209,8 @@ def build_model(args: CausalLMArguments, tokenizer: PreTrainedTokenizerFast):
     sal_config = SALConfig(
         method=args.method, num_areas=args.num_areas, routing=args.routing,
         feedback=args.feedback, feedback_rank=args.feedback_rank,
-        feedback_scale=args.feedback_scale, routing_dim=args.routing_dim,
+        feedback_blocks=args.feedback_blocks, feedback_scale=args.feedback_scale,
+        routing_dim=args.routing_dim,
         shared_path=args.shared_path, seed=args.sal_seed,
     )
     return convert_to_sal(model, sal_config)

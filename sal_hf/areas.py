@@ -14,7 +14,7 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["AreaLinear"]
+__all__ = ["AreaLinear", "AreaSort"]
 
 
 class AreaLinear(nn.Module):
@@ -47,6 +47,9 @@ class AreaLinear(nn.Module):
         # an area on steps without samples (decaying moments), and weight decay shrinks all.
         # The areas to use on the next call when the caller cannot pass them (hooked HF modules).
         self.pending_areas: torch.Tensor | None = None
+        # Set instead by `AreaSort` when the rows arrive already grouped by area: the size of
+        # each area's group, in area order.
+        self.pending_groups: tuple[int, ...] | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -85,6 +88,15 @@ class AreaLinear(nn.Module):
     def forward(self, inputs: torch.Tensor, areas: torch.Tensor | None = None) -> torch.Tensor:
         """Apply each row's area. `inputs` is `[..., in]`; `areas` is a LongTensor whose shape is
         a prefix of `inputs.shape[:-1]` (per-sample areas broadcast over a sequence)."""
+        if areas is None and self.pending_groups is not None:
+            output = self._sorted_matmul(inputs, self.pending_groups)
+        else:
+            output = self._routed_matmul(inputs, areas)
+        if self.shared is not None:
+            output = output + self.shared(inputs)
+        return output
+
+    def _routed_matmul(self, inputs: torch.Tensor, areas: torch.Tensor | None) -> torch.Tensor:
         if areas is None:
             areas = self.pending_areas
         if areas is None:
@@ -94,10 +106,18 @@ class AreaLinear(nn.Module):
                     "first, or pass `areas=`."
                 )
             areas = torch.zeros(inputs.shape[:1], dtype=torch.long, device=inputs.device)
-        output = self._grouped_matmul(inputs, self._expand_areas(areas, inputs))
-        if self.shared is not None:
-            output = output + self.shared(inputs)
-        return output
+        return self._grouped_matmul(inputs, self._expand_areas(areas, inputs))
+
+    def _sorted_matmul(self, inputs: torch.Tensor, group_sizes: tuple[int, ...]) -> torch.Tensor:
+        """Rows `[rows, in]` already grouped by area, `group_sizes[k]` rows of area `k`."""
+        if inputs.dim() != 2 or inputs.shape[0] != sum(group_sizes):
+            raise ValueError(
+                f"rows grouped by area must be [{sum(group_sizes)}, {self.in_features}] (the "
+                f"group sizes {group_sizes} add up to {sum(group_sizes)}), got "
+                f"{tuple(inputs.shape)}: the module between AreaSort's hooks must map each row "
+                "on its own."
+            )
+        return _GroupedLinear.apply(inputs, self.weight, self.bias, None, group_sizes)
 
     @staticmethod
     def _expand_areas(areas: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
@@ -141,6 +161,8 @@ def _compute_dtype(inputs: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
 class _GroupedLinear(torch.autograd.Function):
     """Rows sorted by area, each contiguous group times its own area's weights, sort undone.
 
+    With `order=None` the rows arrive grouped by area already and leave in that order.
+
     Written as one autograd function so that the gradients of all areas land in one
     `[num_areas, out, in]` tensor directly: per-area views of the weight (`weight[k]` or
     `unbind`) would make autograd build the same tensor from pieces, at several times the cost.
@@ -151,7 +173,7 @@ class _GroupedLinear(torch.autograd.Function):
     def forward(ctx, flat, weight, bias, order, group_sizes):  # noqa: D102
         dtype = _compute_dtype(flat, weight)
         with torch.autocast(flat.device.type, enabled=False):
-            rows = flat.index_select(0, order).to(dtype)
+            rows = (flat if order is None else flat.index_select(0, order)).to(dtype)
             weights = weight.to(dtype)
             output = rows.new_empty(rows.shape[0], weight.shape[1])
             start = 0
@@ -164,9 +186,8 @@ class _GroupedLinear(torch.autograd.Function):
                         torch.addmm(bias[area].to(dtype), rows[start:start + size],
                                     weights[area].T, out=piece)
                 start += size
-            inverse = torch.empty_like(order)
-            inverse[order] = torch.arange(order.numel(), device=order.device)
-            result = output.index_select(0, inverse)
+            inverse = None if order is None else inverse_permutation(order)
+            result = output if order is None else output.index_select(0, inverse)
         ctx.save_for_backward(rows, weight, order, inverse)
         ctx.group_sizes = group_sizes
         ctx.has_bias = bias is not None
@@ -177,7 +198,8 @@ class _GroupedLinear(torch.autograd.Function):
     def backward(ctx, grad_output):  # noqa: D102
         rows, weight, order, inverse = ctx.saved_tensors
         dtype = rows.dtype
-        grad_rows = grad_output.index_select(0, order).to(dtype)
+        grad_rows = (grad_output if order is None else grad_output.index_select(0, order))
+        grad_rows = grad_rows.to(dtype)
         weights = weight.to(dtype)
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_input_sorted = grad_rows.new_empty(rows.shape) if need_input else None
@@ -205,5 +227,76 @@ class _GroupedLinear(torch.autograd.Function):
             grad_bias = grad_bias.to(weight.dtype)
         grad_input = None
         if need_input:
-            grad_input = grad_input_sorted.index_select(0, inverse).to(ctx.input_dtype)
+            if inverse is not None:
+                grad_input_sorted = grad_input_sorted.index_select(0, inverse)
+            grad_input = grad_input_sorted.to(ctx.input_dtype)
         return grad_input, grad_weight, grad_bias, None, None
+
+
+def inverse_permutation(order: torch.Tensor) -> torch.Tensor:
+    """`inverse` with `inverse[order[i]] = i`, so that `x[order][inverse]` is `x`."""
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    return inverse
+
+
+class _Permute(torch.autograd.Function):
+    """`rows[order]`, whose backward is the gather by the inverse permutation (not a scatter)."""
+
+    @staticmethod
+    def forward(ctx, rows, order, inverse):  # noqa: D102
+        ctx.save_for_backward(inverse)
+        return rows.index_select(0, order)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
+class AreaSort:
+    """Sorts the rows of a token-wise module once for all the area layers inside it.
+
+    An MLP block maps every token on its own, so it may see its tokens in any order: on entry
+    the rows are grouped by area (`[rows, in]`), every area layer inside multiplies its groups
+    without gathering, and on exit the original order and shape come back. Without it, each
+    area layer sorts and unsorts its own rows, which in a transformer MLP moves the 4x-wide
+    hidden activations twice more per layer.
+
+    `install(module, area_layers)` registers the hooks; the areas are the area layers'
+    `pending_areas`, set by the region's router before the module runs.
+    """
+
+    def __init__(self, area_layers: list[AreaLinear]) -> None:
+        self.area_layers = area_layers
+        self._restore: tuple[torch.Tensor, torch.Tensor, torch.Size] | None = None
+
+    def install(self, module: nn.Module) -> list[torch.utils.hooks.RemovableHandle]:
+        return [module.register_forward_pre_hook(self._enter),
+                module.register_forward_hook(self._leave)]
+
+    def _enter(self, module: nn.Module, args: tuple) -> tuple | None:
+        areas = self.area_layers[0].pending_areas
+        if areas is None or not args:
+            return None  # one area, or no router: each layer falls back on its own handling
+        inputs = args[0]
+        flat_areas = AreaLinear._expand_areas(areas, inputs)
+        order = torch.argsort(flat_areas, stable=True)
+        inverse = inverse_permutation(order)
+        num_areas = self.area_layers[0].num_areas
+        groups = tuple(torch.bincount(flat_areas, minlength=num_areas).tolist())
+        for layer in self.area_layers:
+            layer.pending_groups = groups
+        self._restore = (order, inverse, inputs.shape[:-1])
+        rows = _Permute.apply(inputs.reshape(-1, inputs.shape[-1]), order, inverse)
+        return (rows, *args[1:])
+
+    def _leave(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        if self._restore is None:
+            return None
+        order, inverse, leading = self._restore
+        self._restore = None
+        for layer in self.area_layers:
+            layer.pending_groups = None
+        restored = _Permute.apply(output, inverse, order)
+        return restored.reshape(*leading, output.shape[-1])

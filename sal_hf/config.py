@@ -40,6 +40,10 @@ class SALConfig:
         feedback_rank: when set, the output error is first compressed by one shared fixed matrix
             (num_outputs x feedback_rank), then each region has a small (feedback_rank x width)
             matrix. Use it for vocabulary-sized outputs.
+        feedback_blocks: make that compression block-diagonal with this many blocks (each slice
+            of consecutive outputs to `feedback_rank / feedback_blocks` coordinates): the same
+            rank at `1 / feedback_blocks` of the work. Must divide `feedback_rank`. Unset: 1, or
+            chosen together with the rank when `convert_to_sal` chooses it.
         feedback_scale: multiplier on the 1/sqrt(fan-in) scale of the feedback matrices.
         shared_path: add an always-on dense path beside the selective area path of each area
             layer, so every sample also trains shared features.
@@ -56,6 +60,7 @@ class SALConfig:
     router_momentum: float = 0.99
     feedback: FeedbackMode = "region"
     feedback_rank: int | None = None
+    feedback_blocks: int | None = None
     feedback_scale: float = 1.0
     shared_path: bool = False
     seed: int = 0
@@ -79,8 +84,9 @@ class SALConfig:
 
     def _check_numbers(self) -> None:
         positive_ints = {"num_areas": self.num_areas, "routing_dim": self.routing_dim}
-        if self.feedback_rank is not None:
-            positive_ints["feedback_rank"] = self.feedback_rank
+        for name in ("feedback_rank", "feedback_blocks"):
+            if getattr(self, name) is not None:
+                positive_ints[name] = getattr(self, name)
         for name, value in positive_ints.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"SALConfig.{name} must be an integer >= 1, got {value!r}.")
@@ -105,6 +111,12 @@ class SALConfig:
             raise ValueError(
                 "method='sal' with num_areas=1 has nothing to route: that is method='dfa'. "
                 "Use method='dfa' or num_areas >= 2."
+            )
+        blocks = self.feedback_blocks
+        if self.feedback_rank is not None and blocks is not None and self.feedback_rank % blocks:
+            raise ValueError(
+                f"feedback_blocks={self.feedback_blocks} must divide "
+                f"feedback_rank={self.feedback_rank}."
             )
         if self.feedback == "area" and self.num_areas == 1:
             raise ValueError(

@@ -26,6 +26,7 @@ __all__ = [
     "upcycle_linear",
     "AUTO_FEEDBACK_RANK",
     "AUTO_FEEDBACK_RANK_ABOVE",
+    "AUTO_FEEDBACK_BLOCKS",
 ]
 
 logger = logging.getLogger(__name__)
@@ -33,6 +34,7 @@ logger = logging.getLogger(__name__)
 # Outputs wider than this (vocabularies) get compressed feedback of this rank unless set.
 AUTO_FEEDBACK_RANK_ABOVE = 1024
 AUTO_FEEDBACK_RANK = 256
+AUTO_FEEDBACK_BLOCKS = 8
 
 
 class ArchitectureHandler(Protocol):
@@ -78,12 +80,14 @@ def upcycle_linear(linear: nn.Linear, sal_config: SALConfig) -> AreaLinear:
 def _resolve_feedback_rank(sal_config: SALConfig, num_outputs: int) -> SALConfig:
     if sal_config.feedback_rank is not None or num_outputs <= AUTO_FEEDBACK_RANK_ABOVE:
         return sal_config
-    logger.info(
-        "Output width %d > %d: using compressed feedback of rank %d (set feedback_rank to choose).",
-        num_outputs, AUTO_FEEDBACK_RANK_ABOVE, AUTO_FEEDBACK_RANK,
-    )
     values = sal_config.to_dict()
     values["feedback_rank"] = AUTO_FEEDBACK_RANK
+    values["feedback_blocks"] = sal_config.feedback_blocks or AUTO_FEEDBACK_BLOCKS
+    logger.info(
+        "Output width %d > %d: using compressed feedback of rank %d in %d blocks (set "
+        "feedback_rank and feedback_blocks to choose).", num_outputs, AUTO_FEEDBACK_RANK_ABOVE,
+        AUTO_FEEDBACK_RANK, values["feedback_blocks"],
+    )
     return SALConfig.from_dict(values)
 
 

@@ -8,6 +8,11 @@ variants:
 - one matrix per area of a region (`feedback="area"`): the sample's area picks the matrix;
 - compressed (`feedback_rank=r`): one shared fixed `R`, `[num_outputs, r]`, then per region (or
   area) `[r, width_l]`, so a 50k vocabulary costs one 50k x r matrix, not one per region.
+  With `feedback_blocks=m`, `R` is block-diagonal: the outputs are cut into `m` slices of
+  consecutive ids, slice `j` compressed by its own Gaussian to coordinates `j r/m .. (j+1) r/m`.
+  The rank stays `r`, the work of `e @ R` falls to `1/m`; and the interference between outputs
+  stays the same in the mean: an output shares its slice with `num_outputs/m` others in `r/m`
+  dimensions, the same `num_outputs/r` outputs per dimension as a dense `R`.
 
 The matrices are buffers regenerated from a seed, never saved and never trained. Two identity
 functions put them on the autograd graph: `FeedbackInjector` on each region's output and
@@ -41,6 +46,7 @@ class DirectFeedback(nn.Module):
         region_areas: number of feedback matrices per region: its number of areas with
             `feedback="area"`, else 1.
         rank: width of the shared compression, or None for direct `num_outputs x width` matrices.
+        blocks: number of diagonal blocks of the compression (it must divide `rank`).
         scale: multiplier on the 1/sqrt(fan-in) scale.
         seed: seed of every matrix (each matrix derives its own from it).
     """
@@ -52,6 +58,7 @@ class DirectFeedback(nn.Module):
         region_areas: Sequence[int],
         *,
         rank: int | None = None,
+        blocks: int = 1,
         scale: float = 1.0,
         seed: int = 0,
     ) -> None:
@@ -61,10 +68,12 @@ class DirectFeedback(nn.Module):
                 f"region_widths has {len(region_widths)} entries but region_areas has "
                 f"{len(region_areas)}; give one of each per region."
             )
+        _check_blocks(num_outputs, rank, blocks)
         self.num_outputs = num_outputs
         self.region_widths = list(region_widths)
         self.region_areas = list(region_areas)
         self.rank = rank
+        self.blocks = blocks
         self.scale = scale
         self.seed = seed
         self.reset_frozen_buffers()
@@ -77,8 +86,11 @@ class DirectFeedback(nn.Module):
     def reset_frozen_buffers(self, device: torch.device | str | None = None) -> None:
         """(Re)generate every matrix from the seed, identically on every machine."""
         if self.rank is not None:
+            # Dense: `[num_outputs, rank]`. Block-diagonal: only the diagonal blocks are stored,
+            # stacked as `[num_outputs, rank / blocks]`; row i belongs to output i's slice.
             compression = _random_matrix(
-                (self.num_outputs, self.rank), 1.0 / math.sqrt(self.num_outputs), self.seed
+                (self.num_outputs, self.rank // self.blocks),
+                1.0 / math.sqrt(self.num_outputs / self.blocks), self.seed,
             )
             self.register_buffer("compression", compression.to(device), persistent=False)
         else:
@@ -100,7 +112,15 @@ class DirectFeedback(nn.Module):
         error = error.to(torch.promote_types(error.dtype, torch.float32))
         if self.compression is None:
             return error
-        return error @ self.compression.to(error.dtype)
+        compression = self.compression.to(error.dtype)
+        if self.blocks == 1:
+            return error @ compression
+        # Slices of a 2-d view are strided, not copied: each product reads its slice in place.
+        flat = error.reshape(-1, self.num_outputs)
+        bounds = [block * self.num_outputs // self.blocks for block in range(self.blocks + 1)]
+        pieces = [flat[:, start:stop] @ compression[start:stop]
+                  for start, stop in zip(bounds[:-1], bounds[1:], strict=True)]
+        return torch.cat(pieces, dim=-1).reshape(*error.shape[:-1], self.rank)
 
     def region_signal(
         self,
@@ -128,6 +148,21 @@ class DirectFeedback(nn.Module):
             if rows.numel():
                 delta[rows] = flat_signal[rows] @ matrices[area]
         return delta.reshape(hidden_shape)
+
+
+def _check_blocks(num_outputs: int, rank: int | None, blocks: int) -> None:
+    if blocks == 1:
+        return
+    if rank is None:
+        raise ValueError(
+            f"feedback_blocks={blocks} splits the compression, but there is none: set "
+            "feedback_rank too, or feedback_blocks=1."
+        )
+    if rank % blocks or blocks > num_outputs:
+        raise ValueError(
+            f"feedback_blocks={blocks} must divide feedback_rank={rank} and be at most the "
+            f"number of outputs ({num_outputs})."
+        )
 
 
 def _expand_lead(tensor: torch.Tensor, lead: torch.Size, features: bool) -> torch.Tensor:

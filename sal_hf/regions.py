@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .areas import AreaLinear
+from .areas import AreaLinear, AreaSort
 from .config import SALConfig
 from .feedback import DirectFeedback, ErrorSignal, FeedbackInjector, FeedbackTap
 from .routing import Router
@@ -43,6 +43,9 @@ class RegionSpec:
         width: width of the region output (its last dim).
         area_layers: the area layers inside the region; they share the region's router.
         detach_input: False for a region whose input is not a hidden state (token ids).
+        area_block: a submodule holding all of `area_layers` that maps every token on its own
+            (a transformer MLP, without the residual): its rows are then sorted by area once, on
+            entry, rather than by each area layer (`sal_hf.areas.AreaSort`).
     """
 
     name: str
@@ -50,6 +53,7 @@ class RegionSpec:
     width: int
     area_layers: list[AreaLinear] = field(default_factory=list)
     detach_input: bool = True
+    area_block: nn.Module | None = None
 
     @property
     def input_width(self) -> int:
@@ -159,6 +163,7 @@ class SALController(nn.Module):
             [region.width for region in self._regions],
             areas_per_region,
             rank=cfg.feedback_rank,
+            blocks=cfg.feedback_blocks or 1,
             scale=cfg.feedback_scale,
             seed=cfg.seed,
         )
@@ -171,8 +176,6 @@ class SALController(nn.Module):
         if self.feedback is not None:
             self.feedback.reset_frozen_buffers(self._device())
 
-
-
     def _install_hooks(self) -> None:
         # Limitation: the hooks are closures over this controller, so `copy.deepcopy` of a
         # converted model gives a copy whose hooks still drive the original; convert the copy.
@@ -182,6 +185,9 @@ class SALController(nn.Module):
             self._handles.append(region.module.register_forward_pre_hook(pre, with_kwargs=True))
             post = self._make_region_post_hook(index)
             self._handles.append(region.module.register_forward_hook(post))
+        for index, region in enumerate(self._regions):
+            if region.area_block is not None and str(index) in self.routers:
+                self._handles += AreaSort(region.area_layers).install(region.area_block)
         head_input, head_output = self._head
         self._handles.append(
             head_input.register_forward_pre_hook(self._head_pre_hook, with_kwargs=True)
@@ -253,8 +259,6 @@ class SALController(nn.Module):
         self._hidden.clear()
         logits = FeedbackTap.apply(self.feedback, self._signal, _first_tensor(output), *hidden)
         return _replace_first(output, logits)
-
-
 
     def router_loss(self) -> torch.Tensor | None:
         """Sum of the routers' local losses from the last training forward pass, then cleared.

@@ -36,12 +36,18 @@ def test_area_feedback_needs_several_areas():
 
 
 @pytest.mark.parametrize(
-    "field, value", [("routing_dim", 0), ("feedback_rank", 0), ("router_temperature", 0.0),
-                     ("feedback_scale", -1.0), ("router_momentum", 1.0)],
+    "field, value", [("routing_dim", 0), ("feedback_rank", 0), ("feedback_blocks", 0),
+                     ("router_temperature", 0.0), ("feedback_scale", -1.0),
+                     ("router_momentum", 1.0)],
 )
 def test_out_of_range_numbers_are_rejected(field, value):
     with pytest.raises(ValueError, match=f"SALConfig.{field}"):
         SALConfig(**{field: value})
+
+
+def test_feedback_blocks_must_divide_the_rank():
+    with pytest.raises(ValueError, match="feedback_blocks=3 must divide feedback_rank=64"):
+        SALConfig(feedback_rank=64, feedback_blocks=3)
 
 
 def test_dict_round_trip_and_unknown_fields():

@@ -7,10 +7,13 @@ Regions, in execution order:
 - every block `transformer.h.{i}`, whose `mlp.c_fc` and `mlp.c_proj` (`Conv1D`) become area
   layers.
 
-The head is `ln_f` followed by `lm_head` (or `score`): the final norm belongs to the head, so it
-learns from its true local gradient and the last block, like every other, from its feedback.
-`lm_head` stays tied to `wte` when the model ties them; that shared matrix then receives both the
-head's local gradient and the embedding region's feedback update.
+- the final norm `transformer.ln_f`, a region of its own (no areas).
+
+The head is `lm_head` (or `score`) alone, trained by its true local gradient. Its input is
+detached, so its backward stops at its weight gradient: the vocabulary-sized product
+`e @ W_lm` that backprop spends on the hidden states is never computed. `lm_head` stays tied to
+`wte` when the model ties them; that shared matrix then receives both the head's local gradient
+and the embedding region's feedback update.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from transformers import GPT2ForSequenceClassification, GPT2LMHeadModel
 from ..config import SALConfig
 from ..conversion import register_handler
 from ..regions import SALLayout
-from .transformer_blocks import block_regions, embedding_region
+from .transformer_blocks import block_regions, embedding_region, norm_region
 
 __all__ = ["GPT2Handler"]
 
@@ -45,14 +48,16 @@ class GPT2Handler:
         width = model.config.n_embd
         regions = [embedding_region("transformer.drop", transformer.drop, width)]
         regions += block_regions(
-            transformer.h, "transformer.h", width, ("mlp.c_fc", "mlp.c_proj"), sal_config
+            transformer.h, "transformer.h", width, ("mlp.c_fc", "mlp.c_proj"), sal_config,
+            mlp_name="mlp",
         )
+        regions.append(norm_region("transformer.ln_f", transformer.ln_f, width))
         # GPT2ForSequenceClassification scores every position, `[batch, seq, labels]`, and picks
         # the last non-pad token inside its forward: the error, and so each block's feedback,
         # is non-zero at that token only.
         head_output = model.lm_head if isinstance(model, GPT2LMHeadModel) else model.score
         logger.debug("GPT-2 layout: %d regions.", len(regions))
-        return SALLayout(regions, transformer.ln_f, head_output, head_output.out_features)
+        return SALLayout(regions, head_output, head_output, head_output.out_features)
 
 
 register_handler(GPT2Handler())

@@ -7,7 +7,8 @@ Every transformer family is converted the same way:
   token ids or pixels), so the embedding tables learn from their own feedback;
 - every block is a region of width `hidden_size`: its input is detached, its router reads that
   input, and its MLP's dense layers become `AreaLinear`s whose areas are copies of the originals;
-- the head learns from its true local gradient (the handler names where it starts and ends).
+- the head learns from its true local gradient (the handler names where it starts and ends);
+  a decoder's final norm is a region of its own, so that the head is the output layer alone.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from ..regions import RegionSpec
 __all__ = [
     "block_regions",
     "embedding_region",
+    "norm_region",
     "replace_with_areas",
     "upcycle_conv1d",
     "upcycle_dense",
@@ -92,12 +94,15 @@ def block_regions(
     width: int,
     dense_names: Sequence[str],
     sal_config: SALConfig,
+    mlp_name: str | None = None,
 ) -> list[RegionSpec]:
     """One region per block, named `f"{prefix}.{index}"`, with its MLP upcycled into areas.
 
     Each block must be called with its hidden states as first positional argument or as
     `hidden_states=`, and return them (alone, or first in a tuple): the region hooks detach that
-    input and record that output.
+    input and record that output. `mlp_name` names the block's MLP when it is one module that
+    holds every dense layer of `dense_names` and maps each token on its own (no residual
+    inside): its tokens are then grouped by area once for all its area layers.
     """
     # Limitation: a block routes whatever tokens it is called with. During cached generation
     # that is only the new tokens, so per-sample routing there can differ from routing the
@@ -105,7 +110,10 @@ def block_regions(
     regions = []
     for index, block in enumerate(blocks):
         area_layers = replace_with_areas(block, dense_names, sal_config)
-        regions.append(RegionSpec(f"{prefix}.{index}", block, width, area_layers))
+        area_block = None if mlp_name is None else block.get_submodule(mlp_name)
+        regions.append(
+            RegionSpec(f"{prefix}.{index}", block, width, area_layers, area_block=area_block)
+        )
     logger.debug("Upcycled %s of %d blocks under %s.", list(dense_names), len(regions), prefix)
     return regions
 
@@ -114,3 +122,13 @@ def embedding_region(name: str, module: nn.Module, width: int) -> RegionSpec:
     """The region whose output is the embeddings fed to the first block (no area layers)."""
     return RegionSpec(name, module, width, detach_input=False)
 
+
+
+def norm_region(name: str, module: nn.Module, width: int) -> RegionSpec:
+    """The final norm of a decoder, as a region of its own between the last block and the head.
+
+    Learning its gain from feedback, rather than from the head's backward, is what lets the
+    head's input be detached: for a vocabulary-sized head that skips backprop's costliest
+    product, `e @ W_head` (`[tokens, vocab] x [vocab, width]`).
+    """
+    return RegionSpec(name, module, width)

@@ -47,7 +47,7 @@ class ViTHandler:
         width = model.config.hidden_size
         regions = [embedding_region("vit.embeddings", vit.embeddings, width)]
         regions += block_regions(
-            vit.layers, "vit.layers", width, _MLP_LAYERS, sal_config
+            vit.layers, "vit.layers", width, _MLP_LAYERS, sal_config, mlp_name="mlp"
         )
         logger.debug("ViT layout: %d regions.", len(regions))
         return SALLayout(regions, vit.layernorm, model.classifier, model.classifier.out_features)
