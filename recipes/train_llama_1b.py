@@ -34,8 +34,9 @@ The model is built and converted before `TrainingArguments` is created: with `ze
 off (as in the accelerate configs), `convert_to_sal` copies each dense MLP into its areas on
 whole tensors, and DeepSpeed partitions them when the Trainer starts.
 
-Writes `results.json` in `--output_dir`: parameter counts, the loss at every step, validation
-loss before and after, step times, and peak memory per process.
+Writes `results.json` in `--output_dir`: parameter counts, the loss and gradient norm (before
+clipping) at every step, validation loss before and after, step times, and peak memory per
+process.
 """
 
 from __future__ import annotations
@@ -293,8 +294,10 @@ def held_parameters(trainer: SALTrainer) -> int:
 
 def collect_results(args, training_args, trainer, train_output, memory, recorder) -> dict:
     history = trainer.state.log_history
+    # `grad_norm` is the norm before clipping to `max_grad_norm`, router gradients included.
     steps = [
-        {"step": e["step"], "loss": e["loss"], "task_loss": e.get("task_loss")}
+        {"step": e["step"], "loss": e["loss"], "task_loss": e.get("task_loss"),
+         "grad_norm": e.get("grad_norm")}
         for e in history if "loss" in e and "train_runtime" not in e
     ]
     evaluations = [{"step": e["step"], "eval_loss": e["eval_loss"]}
