@@ -54,6 +54,10 @@ class Router(nn.Module):
     the chosen areas, a LongTensor of the leading shape. With `per_token=False` and a 3-d input
     `[batch, seq, in_features]`, the sequence is averaged first and the result is `[batch]`.
     In training mode it also keeps `self.last_loss`, its local loss for this forward pass.
+
+    `sequence_mask` (`[batch, seq]`, nonzero for real tokens), when a model handler sets it
+    before the forward pass, restricts that average to the real tokens, so that a sample's area
+    does not depend on how much padding its batch needed.
     """
 
     def __init__(
@@ -88,6 +92,7 @@ class Router(nn.Module):
         self.register_buffer("eval_counts", torch.zeros(num_areas), False)
         self.last_loss: torch.Tensor | None = None
         self.last_areas: torch.Tensor | None = None
+        self.sequence_mask: torch.Tensor | None = None
 
     def reset_frozen_buffers(self) -> None:
         """Regenerate the prototypes from the seed (after loading onto a new device)."""
@@ -96,10 +101,8 @@ class Router(nn.Module):
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         inputs = inputs.detach()
-        # Limitation: the mean over a padded sequence includes its padding tokens; the router
-        # is not given the attention mask.
         if not self.per_token and inputs.dim() == 3:
-            inputs = inputs.mean(dim=1)
+            inputs = self._sequence_mean(inputs)
         flat = inputs.reshape(-1, inputs.shape[-1])
         projected = self.projection(flat.to(self.projection.weight.dtype)).float()
         if self.training and torch.is_grad_enabled():
@@ -112,6 +115,21 @@ class Router(nn.Module):
             self.last_loss = self._local_loss(similarity, areas)
         self.last_areas = areas.reshape(inputs.shape[:-1])
         return self.last_areas
+
+    def _sequence_mean(self, inputs: torch.Tensor) -> torch.Tensor:
+        """`[batch, seq, in]` -> `[batch, in]`: each sequence's mean over its real tokens."""
+        # Limitation: without `sequence_mask` (set only by the BERT handler so far), the mean
+        # includes padding tokens, whose number depends on the rest of the batch.
+        mask = self.sequence_mask
+        if mask is None:
+            return inputs.mean(dim=1)
+        if tuple(mask.shape) != tuple(inputs.shape[:2]):
+            raise ValueError(
+                f"sequence_mask has shape {tuple(mask.shape)} but the routed input is "
+                f"{tuple(inputs.shape)}; the mask must be [batch, seq] of the same input."
+            )
+        weights = mask.to(device=inputs.device, dtype=inputs.dtype).unsqueeze(-1)
+        return (inputs * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
 
     def _update_running_mean(self, projected: torch.Tensor) -> None:
         batch_sum = projected.sum(dim=0)
