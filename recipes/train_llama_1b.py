@@ -57,12 +57,11 @@ from transformers import (
     HfArgumentParser,
     LlamaConfig,
     LlamaForCausalLM,
-    TrainerCallback,
     default_data_collator,
     set_seed,
 )
 
-from sal_hf import SALConfig, convert_to_sal, get_controller, parameter_counts
+from sal_hf import SALConfig, convert_to_sal, parameter_counts
 from sal_hf.data import CORPORA, load_corpus, split_corpus
 from sal_hf.reporting import PeakMemory, StepTimer, distributed_info, write_results
 from sal_hf.trainer import SALTrainer, SALTrainingArguments
@@ -171,27 +170,6 @@ def build_model(args: Llama1BArguments, vocab_size: int) -> LlamaForCausalLM:
     return convert_to_sal(model, sal_config)
 
 
-class RecordRegionOutputsLast(TrainerCallback):
-    """Run SAL's output hooks after the ones DeepSpeed adds when the Trainer wraps the model.
-
-    SAL records each region's output in a forward hook and sends its feedback there. ZeRO-3 wraps
-    every module's output in forward hooks of its own, whose backward gathers that module's
-    parameters and accounts for their gradients. The controller's hooks were installed at
-    conversion, before DeepSpeed's, so they record the unwrapped output: for a region whose
-    parameters are its own (Llama's `embed_tokens`, an `nn.Embedding`), the feedback then
-    bypasses ZeRO-3 and backward fails ("size of tensor a (0) must match ... (768)").
-    """
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        controller = get_controller(model)
-        # Limitation: uses the controller's hook handles, as sal_hf offers no public way yet.
-        for handle in getattr(controller, "_handles", []):
-            hooks = handle.hooks_dict_ref()
-            is_output_hook = any(module._forward_hooks is hooks for module in model.modules())
-            if hooks is not None and is_output_hook and handle.id in hooks:
-                hooks.move_to_end(handle.id)
-
-
 def limit_zero3_memory(trainer: SALTrainer) -> dict | None:
     """Apply `ZERO3_MEMORY_LIMITS` to the DeepSpeed config (values a user's JSON sets are kept).
 
@@ -260,7 +238,7 @@ def main(argv: list[str]) -> dict:
     trainer = SALTrainer(
         model=model, args=training_args, train_dataset=train_blocks,
         eval_dataset=validation_blocks,
-        data_collator=default_data_collator, callbacks=[recorder, RecordRegionOutputsLast()],
+        data_collator=default_data_collator, callbacks=[recorder],
         preprocess_logits_for_metrics=None,
     )
     zero3_limits = limit_zero3_memory(trainer) if args.zero3_memory_limits else None

@@ -180,11 +180,12 @@ class SALController(nn.Module):
         # Limitation: the hooks are closures over this controller, so `copy.deepcopy` of a
         # converted model gives a copy whose hooks still drive the original; convert the copy.
         self._handles = []
+        # (module, hook, handle) of the hooks that record outputs and put feedback on them.
+        self._output_hooks: list[tuple[nn.Module, Any, Any]] = []
         for index, region in enumerate(self._regions):
             pre = self._make_region_pre_hook(index, region)
             self._handles.append(region.module.register_forward_pre_hook(pre, with_kwargs=True))
-            post = self._make_region_post_hook(index)
-            self._handles.append(region.module.register_forward_hook(post))
+            self._add_output_hook(region.module, self._make_region_post_hook(index))
         for index, region in enumerate(self._regions):
             if region.area_block is not None and str(index) in self.routers:
                 self._handles += AreaSort(region.area_layers).install(region.area_block)
@@ -192,7 +193,28 @@ class SALController(nn.Module):
         self._handles.append(
             head_input.register_forward_pre_hook(self._head_pre_hook, with_kwargs=True)
         )
-        self._handles.append(head_output.register_forward_hook(self._head_post_hook))
+        self._add_output_hook(head_output, self._head_post_hook)
+
+    def _add_output_hook(self, module: nn.Module, hook) -> None:
+        handle = module.register_forward_hook(hook)
+        self._handles.append(handle)
+        self._output_hooks.append((module, hook, handle))
+
+    def put_output_hooks_last(self) -> None:
+        """Run SAL's output hooks after every forward hook added since conversion.
+
+        A wrapper installed later (DeepSpeed ZeRO-3 wraps every module's output in hooks of its
+        own, whose backward gathers the module's parameters) must see the output before SAL puts
+        feedback on it; otherwise the feedback bypasses the wrapper's backward, and a region whose
+        parameters are its own (an `nn.Embedding`) fails in backward under ZeRO-3 with a size
+        mismatch against its empty partitioned weight. `SALTrainer` calls this when training
+        begins, after the model is wrapped.
+        """
+        hooks, self._output_hooks = self._output_hooks, []
+        for module, hook, handle in hooks:
+            handle.remove()
+            self._handles.remove(handle)
+            self._add_output_hook(module, hook)
 
     def _learning(self) -> bool:
         return self.sal_config.uses_feedback and self.training and torch.is_grad_enabled()

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from accelerate.utils import DistributedType
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .areas import AreaLinear
 from .regions import SALController, get_controller
@@ -108,6 +108,16 @@ def _is_sequence_output_model(model) -> bool:
     return any("CausalLM" in name or "MaskedLM" in name for name in architectures)
 
 
+class _OutputHooksLast(TrainerCallback):
+    """Puts SAL's output hooks after those of the wrapper the Trainer has just built."""
+
+    def __init__(self, controller: SALController) -> None:
+        self.controller = controller
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.controller.put_output_hooks_last()
+
+
 class SALTrainer(Trainer):
     """A `Trainer` for models converted by `sal_hf.convert_to_sal` (or loaded by `AutoSAL*`).
 
@@ -136,6 +146,7 @@ class SALTrainer(Trainer):
         self.last_area_usage: dict[str, list[float]] = {}
         self._loss_sums = torch.zeros(3, dtype=torch.float64)  # task, router, count
         self._split_optimizer: torch.optim.Optimizer | None = None
+        self.add_callback(_OutputHooksLast(controller))
         self._refuse_unsynchronised_processes()
         self._warn_if_fsdp_dropped()
 

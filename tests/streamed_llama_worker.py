@@ -1,7 +1,7 @@
 """The 1B recipe at a tiny size, which `tests/test_distributed.py` runs under cpu_zero3 and in
 its own process as the one-process reference.
 
-It trains what `recipes/train_llama_1b.py` trains, with the recipe's own functions, callbacks,
+It trains what `recipes/train_llama_1b.py` trains, with the recipe's own functions,
 ZeRO-3 limits and defaults (Shakespeare characters, per-token routing, plain SGD at the recipe's
 rate with `max_grad_norm` 1.0, streamed regions), on a Llama of hidden size 32, 2 decoder layers,
 4 heads, MLP width 64 and 4 areas. `train` returns the report and writes, in its output folder,
@@ -96,7 +96,7 @@ def train(
     )
     trainer = SALTrainer(
         model=model, args=training_args, train_dataset=blocks,
-        data_collator=default_data_collator, callbacks=[recipe.RecordRegionOutputsLast()],
+        data_collator=default_data_collator,
     )
     recipe.limit_zero3_memory(trainer)
     samples = _record_samples(model, trainer)

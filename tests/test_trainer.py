@@ -191,3 +191,19 @@ def test_head_learning_rate_scale_moves_only_the_head(tmp_path):
     assert len(rate_of) == len(list(model.parameters()))
     with pytest.raises(ValueError, match="head_learning_rate_scale must be > 0, got 0"):
         arguments(tmp_path, head_learning_rate_scale=0.0)
+
+
+def test_sal_output_hooks_run_after_hooks_added_later_once_training_begins(tmp_path):
+    # A wrapper added after conversion (DeepSpeed ZeRO-3's hooks) must see the region output
+    # before SAL puts its feedback on it.
+    model = tiny_mlp(num_areas=2)
+    seen = []
+    for layer in model.layers:
+        layer.register_forward_hook(lambda module, args, output: seen.append(output.grad_fn))
+    trainer = SALTrainer(model=model, args=arguments(tmp_path, max_steps=1),
+                         train_dataset=toy_dataset())
+    model.train()(torch.randn(4, 5))
+    assert all("FeedbackInjector" in type(fn).__name__ for fn in seen)  # SAL's hook ran first
+    seen.clear()
+    trainer.train()
+    assert seen and not any("FeedbackInjector" in type(fn).__name__ for fn in seen)
