@@ -13,7 +13,6 @@ import math
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_functional
 import torch.nn.functional as F
 from torch import nn
 
@@ -22,6 +21,24 @@ __all__ = ["Router", "make_prototypes", "usage_entropy"]
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """The sum of a tensor over all ranks, differentiable: the gradient of each rank's copy is
+    the sum of every rank's output gradient (what `torch.distributed.nn.functional.all_reduce`
+    did before its deprecation)."""
+
+    @staticmethod
+    def forward(ctx, tensor):  # noqa: D102
+        total = tensor.clone()
+        dist.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        total = grad.clone()
+        dist.all_reduce(total)
+        return total
 
 
 def make_prototypes(num_areas: int, routing_dim: int, seed: int) -> torch.Tensor:
@@ -158,7 +175,7 @@ class Router(nn.Module):
         if _distributed():
             # The mean over the global batch, differentiably: with gradients averaged over
             # ranks, this gives exactly the single-process gradient.
-            assignment_sum = dist_functional.all_reduce(assignment_sum)
+            assignment_sum = _SumOverRanks.apply(assignment_sum)
             dist.all_reduce(count)
         mean_assignment = assignment_sum / count
         balance_loss = (mean_assignment * (mean_assignment * self.num_areas).log()).sum()
