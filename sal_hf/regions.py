@@ -245,7 +245,13 @@ class SALController(nn.Module):
         return hook
 
     def _make_region_post_hook(self, index: int):
+        area_layers = self._regions[index].area_layers
+
         def hook(module, args, output):
+            hidden = _first_tensor(output)
+            areas = self._areas.get(index)
+            if areas is not None and self.training and hidden.requires_grad:
+                hidden = _RestoreAreas.apply(area_layers, areas, hidden)
             if self._learning():
                 if index in self._hidden:
                     raise RuntimeError(
@@ -253,12 +259,12 @@ class SALController(nn.Module):
                         "SAL regions must be distinct modules, each called once."
                     )
                 hidden = FeedbackInjector.apply(
-                    self.feedback, self._signal, index, self._areas.get(index),
-                    _first_tensor(output),
+                    self.feedback, self._signal, index, areas, hidden
                 )
                 self._hidden[index] = hidden
-                return _replace_first(output, hidden)
-            return None
+            if hidden is _first_tensor(output):
+                return None
+            return _replace_first(output, hidden)
 
         return hook
 
@@ -300,6 +306,29 @@ class SALController(nn.Module):
             self._regions[int(index)].name: router.take_usage(split)
             for index, router in self.routers.items()
         }
+
+
+class _RestoreAreas(torch.autograd.Function):
+    """Identity on a region's output; its backward hands the region's area layers the areas of
+    the forward pass being differentiated.
+
+    A streamed (recomputed) region runs its forward again during backward, and its area layers
+    read the areas they were last given. Another forward between this one and its backward (an
+    evaluation, a second batch) would have replaced them; this puts them back just before the
+    recomputation, which autograd starts only once the region's output gradient has arrived.
+    """
+
+    @staticmethod
+    def forward(ctx, area_layers, areas, hidden):  # noqa: D102
+        ctx.area_layers = area_layers
+        ctx.areas = areas
+        return hidden.view_as(hidden)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        for layer in ctx.area_layers:
+            layer.pending_areas = ctx.areas
+        return None, None, grad
 
 
 def get_controller(model: nn.Module) -> SALController | None:

@@ -90,6 +90,40 @@ def test_streamed_llama_gives_exactly_the_plain_gradients():
     _assert_same_gradients(plain, streamed)
 
 
+def _step_with_forwards_in_between(model: torch.nn.Module, inputs: dict, others: dict) -> None:
+    """One SAL step whose backward comes after two other forward passes (one without grad, as
+    an evaluation; one with, as a second batch whose graph is dropped)."""
+    loss = model(**inputs).loss + model.sal_controller.router_loss()
+    with torch.no_grad():
+        model(**others)
+    model(**others)
+    model.sal_controller.router_loss()
+    loss.backward()
+
+
+def _mlp_batch() -> dict[str, torch.Tensor]:
+    return {"pixel_values": torch.randn(64, 20), "labels": torch.randint(0, 5, (64,))}
+
+
+def _llama_batch() -> dict[str, torch.Tensor]:
+    ids = torch.randint(0, 40, (4, 16))
+    return {"input_ids": ids, "labels": ids}
+
+
+@pytest.mark.parametrize(
+    "pair, batch", [(lambda: _mlp_pair(num_layers=4), _mlp_batch), (_llama_pair, _llama_batch)],
+    ids=["mlp", "llama-token"],
+)
+def test_streamed_regions_recompute_with_their_own_forwards_areas(pair, batch):
+    # Recomputing in backward must use the areas of the forward being differentiated, not
+    # those of whatever ran since.
+    plain, streamed = pair()
+    inputs, others = batch(), batch()
+    for model in (plain, streamed):
+        _step_with_forwards_in_between(model, inputs, others)
+    _assert_same_gradients(plain, streamed)
+
+
 @pytest.fixture(scope="module")
 def streamed_memory_run(tmp_path_factory) -> dict:
     """`benchmarks/streamed_memory.py` on a small deep MLP, in a process of its own (it tunes
