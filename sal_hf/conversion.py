@@ -77,12 +77,31 @@ def upcycle_linear(linear: nn.Linear, sal_config: SALConfig) -> AreaLinear:
     )
 
 
+def _child_modules(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
+    """(parent, name, child) for every submodule: what a handler may replace."""
+    return [(parent, name, child) for parent in model.modules()
+            for name, child in parent.named_children()]
+
+
+def _restore_child_modules(children: list[tuple[nn.Module, str, nn.Module]]) -> None:
+    for parent, name, child in children:
+        if getattr(parent, name, None) is not child:
+            setattr(parent, name, child)
+
+
 def _resolve_feedback_rank(sal_config: SALConfig, num_outputs: int) -> SALConfig:
     if sal_config.feedback_rank is not None or num_outputs <= AUTO_FEEDBACK_RANK_ABOVE:
         return sal_config
+    blocks = sal_config.feedback_blocks or AUTO_FEEDBACK_BLOCKS
+    if AUTO_FEEDBACK_RANK % blocks:
+        raise ValueError(
+            f"feedback_blocks={blocks} must divide the feedback rank, which convert_to_sal chose "
+            f"as {AUTO_FEEDBACK_RANK} for {num_outputs} outputs (feedback_rank is unset): set "
+            f"feedback_rank yourself, or pick feedback_blocks dividing {AUTO_FEEDBACK_RANK}."
+        )
     values = sal_config.to_dict()
     values["feedback_rank"] = AUTO_FEEDBACK_RANK
-    values["feedback_blocks"] = sal_config.feedback_blocks or AUTO_FEEDBACK_BLOCKS
+    values["feedback_blocks"] = blocks
     logger.info(
         "Output width %d > %d: using compressed feedback of rank %d in %d blocks (set "
         "feedback_rank and feedback_blocks to choose).", num_outputs, AUTO_FEEDBACK_RANK_ABOVE,
@@ -118,10 +137,15 @@ def convert_to_sal(model: nn.Module, sal_config: SALConfig | None = None) -> nn.
             f"{', '.join(supported_architectures())}. To add one, write an ArchitectureHandler "
             "and pass it to sal_hf.register_handler (see docs/method.md)."
         )
-    with torch.no_grad():
-        layout = handler.build_layout(model, sal_config)
-    sal_config = _resolve_feedback_rank(sal_config, layout.num_outputs)
-    controller = SALController(sal_config, layout)
+    children = _child_modules(model)
+    try:
+        with torch.no_grad():
+            layout = handler.build_layout(model, sal_config)
+        sal_config = _resolve_feedback_rank(sal_config, layout.num_outputs)
+        controller = SALController(sal_config, layout)
+    except Exception:
+        _restore_child_modules(children)  # the model stays as it was, ready for another try
+        raise
     controller.train(model.training)  # follow the model's mode, as any new submodule should
     model.add_module("sal_controller", controller)
     if hasattr(model, "config"):

@@ -64,3 +64,24 @@ def test_blocks_set_by_the_user_are_kept_when_the_rank_is_chosen():
     config = GPT2Config(vocab_size=4096, n_embd=16, n_layer=1, n_head=2, n_positions=8)
     model = convert_to_sal(GPT2LMHeadModel(config), SALConfig(num_areas=2, feedback_blocks=2))
     assert get_controller(model).feedback.blocks == 2
+
+
+def test_a_failed_conversion_leaves_the_model_as_it_was():
+    config = GPT2Config(vocab_size=97, n_embd=16, n_layer=1, n_head=2, n_positions=8)
+    model = GPT2LMHeadModel(config).eval()
+    ids = torch.randint(0, 97, (2, 5))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    # 97 outputs get no compression, so there is nothing to split into blocks.
+    with pytest.raises(ValueError, match="feedback_blocks=2 splits the compression"):
+        convert_to_sal(model, SALConfig(num_areas=2, feedback_blocks=2))
+    assert type(model.transformer.h[0].mlp.c_fc).__name__ == "Conv1D"
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, before)
+    assert get_controller(convert_to_sal(model, SALConfig(num_areas=2))) is not None
+
+
+def test_blocks_that_do_not_divide_the_chosen_rank_say_it_was_chosen():
+    config = GPT2Config(vocab_size=2000, n_embd=16, n_layer=1, n_head=2, n_positions=8)
+    with pytest.raises(ValueError, match="chose as 256 for 2000 outputs"):
+        convert_to_sal(GPT2LMHeadModel(config), SALConfig(num_areas=2, feedback_blocks=3))
