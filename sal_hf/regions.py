@@ -17,6 +17,7 @@ naming its regions and head.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -107,6 +108,7 @@ class SALController(nn.Module):
         self._hidden: dict[int, torch.Tensor] = {}
         self._areas: dict[int, torch.Tensor] = {}
         self._signal = ErrorSignal()
+        self._warned_eval_mode = False
         self._install_hooks()
 
     @property
@@ -279,6 +281,7 @@ class SALController(nn.Module):
     def _head_post_hook(self, module, args, output):
         if not self._learning():
             self._hidden.clear()
+            self._warn_if_only_the_head_would_learn()
             return None
         missing = [r.name for i, r in enumerate(self._regions) if i not in self._hidden]
         if missing:
@@ -287,6 +290,21 @@ class SALController(nn.Module):
         self._hidden.clear()
         logits = FeedbackTap.apply(self.feedback, self._signal, _first_tensor(output), *hidden)
         return _replace_first(output, logits)
+
+    def _warn_if_only_the_head_would_learn(self) -> None:
+        # Regions get their feedback only in training mode; a loss computed in eval mode with
+        # gradients on (a fine-tuning loop that never calls .train(), e.g. after from_pretrained,
+        # which returns the model in eval mode) would silently train the head alone.
+        if self.training or not torch.is_grad_enabled() or not self.sal_config.uses_feedback:
+            return
+        if not self._warned_eval_mode:
+            self._warned_eval_mode = True
+            warnings.warn(
+                "This SAL model is in eval mode with gradients enabled: a backward pass now would "
+                "train the head alone, since regions receive their feedback only in training "
+                "mode. Call model.train() before training steps, or use torch.no_grad() for "
+                "evaluation.", UserWarning, stacklevel=4,
+            )
 
     def router_loss(self) -> torch.Tensor | None:
         """Sum of the routers' local losses from the last training forward pass, then cleared.

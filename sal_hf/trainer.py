@@ -18,6 +18,10 @@ import numpy as np
 import torch
 from accelerate.utils import DistributedType
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+)
 
 from .areas import AreaLinear
 from .regions import SALController, get_controller
@@ -88,11 +92,17 @@ def area_learning_rate_scale(args: SALTrainingArguments, num_areas: int) -> floa
 
 
 def accuracy_metrics(eval_prediction) -> dict[str, float]:
-    """Classification accuracy, for `compute_metrics` (expects predictions from `argmax_logits`)."""
+    """Classification accuracy, for `compute_metrics` (expects predictions from `argmax_logits`).
+
+    Positions labelled -100 (the ignored index: padding and special tokens of a token
+    classifier) are not counted.
+    """
     predictions, labels = eval_prediction.predictions, eval_prediction.label_ids
     if isinstance(predictions, tuple):
         predictions = predictions[0]
-    return {"accuracy": float(np.mean(np.asarray(predictions) == np.asarray(labels)))}
+    predictions, labels = np.asarray(predictions), np.asarray(labels)
+    counted = labels != -100
+    return {"accuracy": float(np.mean(predictions[counted] == labels[counted]))}
 
 
 def argmax_logits(logits, labels):
@@ -102,10 +112,18 @@ def argmax_logits(logits, labels):
     return logits.argmax(dim=-1)
 
 
-def _is_sequence_output_model(model) -> bool:
+_LANGUAGE_MODELS = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()) | set(
+    MODEL_FOR_MASKED_LM_MAPPING_NAMES.values()
+)
+
+
+def _is_language_model(model) -> bool:
+    """True for a causal or masked language model (`GPT2LMHeadModel`, `LlamaForCausalLM`, ...),
+    whose predictions are not class labels comparable position by position."""
     config = getattr(model, "config", None)
-    architectures = getattr(config, "architectures", None) or [type(model).__name__]
-    return any("CausalLM" in name or "MaskedLM" in name for name in architectures)
+    names = {type(model).__name__, *(getattr(config, "architectures", None) or [])}
+    return any(name in _LANGUAGE_MODELS or "CausalLM" in name or "MaskedLM" in name
+               for name in names)
 
 
 class _OutputHooksLast(TrainerCallback):
@@ -138,13 +156,14 @@ class SALTrainer(Trainer):
         metrics_unset = kwargs.get("compute_metrics") is None and (
             "preprocess_logits_for_metrics" not in kwargs
         )
-        if not positional and metrics_unset and not _is_sequence_output_model(model):
+        if not positional and metrics_unset and not _is_language_model(model):
             kwargs["compute_metrics"] = accuracy_metrics
             kwargs["preprocess_logits_for_metrics"] = argmax_logits
         super().__init__(model, args, *positional, **kwargs)
         self.sal_controller: SALController = controller
         self.last_area_usage: dict[str, list[float]] = {}
-        self._loss_sums = torch.zeros(3, dtype=torch.float64)  # task, router, count
+        # Task loss, its weight (micro-batches, or steps), router loss, micro-batches.
+        self._loss_sums = torch.zeros(4, dtype=torch.float64)
         self._split_optimizer: torch.optim.Optimizer | None = None
         self.add_callback(_OutputHooksLast(controller))
         self._refuse_unsynchronised_processes()
@@ -240,28 +259,35 @@ class SALTrainer(Trainer):
             model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
         )
         router_loss = self.sal_controller.router_loss() if model.training else None
+        # The task loss may already be normalised over the whole accumulated batch (a model
+        # that takes `num_items_in_batch`): then the micro-batches of a step add up to the
+        # step's mean, and the Trainer does not divide it. The router loss is a per-micro-batch
+        # mean either way.
+        accumulated = self.model_accepts_loss_kwargs and num_items_in_batch is not None
         if model.training:
-            # Summed on the device: reading the values every step would synchronise a GPU.
-            task = loss.detach().double()
-            router = torch.zeros_like(task) if router_loss is None else router_loss.detach()
-            step = torch.stack([task, router.double(), torch.ones_like(task)])
-            self._loss_sums = self._loss_sums.to(step.device) + step
+            self._add_to_logged_losses(loss, router_loss, accumulated)
         if router_loss is not None:
-            # The task loss may already be normalised over the whole accumulated batch, in which
-            # case the Trainer will not divide it; the router loss is a per-micro-batch mean.
-            if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
+            if accumulated:
                 router_loss = router_loss / self.current_gradient_accumulation_steps
             loss = loss + router_loss.to(loss.dtype)
         return (loss, outputs) if return_outputs else loss
 
+    def _add_to_logged_losses(self, loss, router_loss, accumulated: bool) -> None:
+        # Summed on the device: reading the values every step would synchronise a GPU.
+        task = loss.detach().double()
+        router = torch.zeros_like(task) if router_loss is None else router_loss.detach().double()
+        task_weight = 1.0 / self.current_gradient_accumulation_steps if accumulated else 1.0
+        step = torch.stack([task, task.new_tensor(task_weight), router, torch.ones_like(task)])
+        self._loss_sums = self._loss_sums.to(step.device) + step
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs and self._loss_sums[2] > 0:
+        if "loss" in logs and self._loss_sums[3] > 0:
             # Every rank reaches this point (the Trainer gathers the loss just before).
             sums = self.accelerator.reduce(self._loss_sums.to(self.args.device), reduction="sum")
-            task, router, count = sums.tolist()
-            logs["task_loss"] = round(task / count, 6)
+            task, task_weight, router, micro_batches = sums.tolist()
+            logs["task_loss"] = round(task / task_weight, 6)
             if self.sal_controller.routers:
-                logs["router_loss"] = round(router / count, 6)
+                logs["router_loss"] = round(router / micro_batches, 6)
             self._loss_sums.zero_()
             if self.args.log_area_usage:
                 logs.update(self._usage_metrics("train", prefix=""))

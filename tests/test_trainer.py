@@ -1,12 +1,22 @@
 """SALTrainer keeps the Trainer's features while applying the SAL update."""
 
+import warnings
+
+import numpy as np
 import pytest
 import torch
 from datasets import Dataset
 from helpers import tiny_mlp
+from transformers import EvalPrediction, GPT2Config, GPT2LMHeadModel
 
-from sal_hf import MLPClassifierConfig, MLPForImageClassification, get_controller
-from sal_hf.trainer import SALTrainer, SALTrainingArguments
+from sal_hf import (
+    MLPClassifierConfig,
+    MLPForImageClassification,
+    SALConfig,
+    convert_to_sal,
+    get_controller,
+)
+from sal_hf.trainer import SALTrainer, SALTrainingArguments, accuracy_metrics
 
 
 def toy_dataset(rows: int = 64, features: int = 5, classes: int = 3, seed: int = 0) -> Dataset:
@@ -207,3 +217,51 @@ def test_sal_output_hooks_run_after_hooks_added_later_once_training_begins(tmp_p
     seen.clear()
     trainer.train()
     assert seen and not any("FeedbackInjector" in type(fn).__name__ for fn in seen)
+
+
+def test_language_models_get_no_accuracy_metric(tmp_path):
+    # GPT2LMHeadModel's name says neither CausalLM nor MaskedLM; its unshifted "accuracy" would
+    # score a model that repeats its input.
+    config = GPT2Config(vocab_size=32, n_embd=8, n_layer=1, n_head=2, n_positions=8)
+    model = convert_to_sal(GPT2LMHeadModel(config), SALConfig(num_areas=2, routing_dim=4))
+    trainer = SALTrainer(model=model, args=arguments(tmp_path))
+    assert trainer.compute_metrics is None
+
+
+def test_accuracy_ignores_positions_labelled_minus_100():
+    prediction = EvalPrediction(predictions=np.array([[1, 2, 0], [3, 3, 3]]),
+                                label_ids=np.array([[1, -100, 0], [3, 0, -100]]))
+    assert accuracy_metrics(prediction) == {"accuracy": 0.75}
+
+
+@pytest.mark.parametrize("accumulation", [1, 4])
+def test_logged_task_loss_is_the_step_mean_whatever_the_accumulation(tmp_path, accumulation):
+    # A language model's loss is normalised over the whole accumulated batch (it takes
+    # num_items_in_batch); the logged task loss must not shrink with the number of micro-batches.
+    config = GPT2Config(vocab_size=32, n_embd=8, n_layer=1, n_head=2, n_positions=8,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = convert_to_sal(GPT2LMHeadModel(config), SALConfig(method="dfa"))
+    ids = torch.randint(0, 32, (16, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # the mean over the 16 x 7 next-token predictions
+        mean_loss = model(input_ids=ids, labels=ids).loss.item()
+    dataset = Dataset.from_dict({"input_ids": ids.numpy(), "labels": ids.numpy()})
+    args = arguments(tmp_path, per_device_train_batch_size=16 // accumulation, max_steps=1,
+                     logging_steps=1, gradient_accumulation_steps=accumulation,
+                     learning_rate=0.0)
+    trainer = SALTrainer(model=model, args=args, train_dataset=dataset.with_format("torch"))
+    trainer.train()
+    logged = next(entry for entry in trainer.state.log_history if "task_loss" in entry)
+    # The Trainer's loss for a step is the sum over its predictions divided by its number of
+    # labels, which it counts unshifted: 16 x 8 labels for 16 x 7 predictions.
+    assert logged["task_loss"] == pytest.approx(mean_loss * 7 / 8, rel=1e-5)
+    assert logged["task_loss"] == pytest.approx(logged["loss"], abs=1e-4)  # logged rounded
+
+
+def test_a_forward_in_eval_mode_with_gradients_warns_that_only_the_head_would_learn():
+    model = tiny_mlp(num_areas=2).eval()
+    with pytest.warns(UserWarning, match="would train the head alone"):
+        model(torch.randn(3, 5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad():
+            model(torch.randn(3, 5))
