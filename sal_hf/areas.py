@@ -71,6 +71,13 @@ class AreaLinear(nn.Module):
         """Upcycle a dense layer: every area starts as a copy of `weight` `[out, in]`.
 
         With a shared path, the shared weights start at zero so the output is unchanged.
+
+        Pass the dense layer's parameters themselves (not `.data`) to keep what is frozen: the
+        area weights take `weight.requires_grad` and the area biases `bias.requires_grad`. The
+        shared path is new, but it belongs to the same layer, so it follows the same flags (its
+        weight `weight`'s, its bias `bias`'s): a frozen layer converts to a wholly frozen one.
+        A plain tensor (`.data`, a copy) is not a parameter and says nothing about training, so
+        what is made from it is trainable, as in any new layer.
         """
         out_features, in_features = weight.shape
         layer = cls(in_features, out_features, num_areas, bias is not None, shared_path)
@@ -83,6 +90,13 @@ class AreaLinear(nn.Module):
                 layer.shared.weight.zero_()
                 if layer.shared.bias is not None:
                     layer.shared.bias.zero_()
+        layer.weight.requires_grad_(_trains(weight))
+        if layer.shared is not None:
+            layer.shared.weight.requires_grad_(_trains(weight))
+        if bias is not None:
+            layer.bias.requires_grad_(_trains(bias))
+            if layer.shared is not None:
+                layer.shared.bias.requires_grad_(_trains(bias))
         return layer
 
     def forward(self, inputs: torch.Tensor, areas: torch.Tensor | None = None) -> torch.Tensor:
@@ -148,6 +162,12 @@ class AreaLinear(nn.Module):
             f"num_areas={self.num_areas}, bias={self.bias is not None}, "
             f"shared_path={self.shared is not None}"
         )
+
+
+def _trains(source: torch.Tensor) -> bool:
+    """Whether parameters made from `source` train: a parameter's own flag; a plain tensor has
+    none (`.data` never requires grad, frozen or not), so they train as new parameters do."""
+    return source.requires_grad if isinstance(source, nn.Parameter) else True
 
 
 def _compute_dtype(inputs: torch.Tensor, weight: torch.Tensor) -> torch.dtype:

@@ -70,10 +70,9 @@ def _load_builtin_handlers() -> None:
 
 
 def upcycle_linear(linear: nn.Linear, sal_config: SALConfig) -> AreaLinear:
-    """An `AreaLinear` whose every area is a copy of `linear`."""
+    """An `AreaLinear` whose every area is a copy of `linear`; frozen if `linear` was."""
     return AreaLinear.from_dense(
-        linear.weight.data, None if linear.bias is None else linear.bias.data,
-        sal_config.num_areas, sal_config.shared_path,
+        linear.weight, linear.bias, sal_config.num_areas, sal_config.shared_path
     )
 
 

@@ -1,11 +1,14 @@
-"""Area layers: grouped products, and `AreaSort`, which groups a token-wise block's rows once."""
+"""Area layers: upcycling a dense layer, grouped products, and `AreaSort`, which groups a
+token-wise block's rows once."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from torch import nn
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+from sal_hf import MLPClassifierConfig, MLPForImageClassification, SALConfig, convert_to_sal
 from sal_hf.areas import AreaLinear, AreaSort
 
 BATCH, SEQ, WIDTH, HIDDEN, AREAS = 3, 5, 6, 10, 4
@@ -77,3 +80,50 @@ def test_a_block_that_mixes_rows_is_refused_with_the_expected_shape():
     layer.pending_groups = (2, 0, 1, 1)
     with pytest.raises(ValueError, match=r"must be \[4, 6\].*got \(2, 2, 6\)"):
         layer(torch.randn(2, 2, WIDTH))
+
+
+def _requires_grad(layer: AreaLinear) -> dict[str, bool]:
+    return {name: p.requires_grad for name, p in layer.named_parameters()}
+
+
+def test_upcycling_a_parameter_keeps_its_requires_grad_for_areas_and_shared_path():
+    dense = nn.Linear(WIDTH, HIDDEN)
+    dense.weight.requires_grad_(False)  # bias-only fine-tuning: the weight frozen, bias trained
+    layer = AreaLinear.from_dense(dense.weight, dense.bias, AREAS, shared_path=True)
+    assert _requires_grad(layer) == {
+        "weight": False, "bias": True, "shared.weight": False, "shared.bias": True,
+    }
+
+
+def test_upcycling_plain_tensors_gives_trainable_areas():
+    dense = nn.Linear(WIDTH, HIDDEN).requires_grad_(False)
+    layer = AreaLinear.from_dense(dense.weight.data, dense.bias.data, AREAS, shared_path=True)
+    assert all(_requires_grad(layer).values())
+
+
+def _llama() -> tuple[nn.Module, str, str]:
+    config = LlamaConfig(vocab_size=32, hidden_size=8, intermediate_size=12, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1)
+    return LlamaForCausalLM(config), "model.layers.0.mlp", "model.layers.1.mlp"
+
+
+def _gpt2() -> tuple[nn.Module, str, str]:
+    config = GPT2Config(vocab_size=32, n_embd=8, n_layer=2, n_head=2, n_positions=16)
+    return GPT2LMHeadModel(config), "transformer.h.0.mlp", "transformer.h.1.mlp"
+
+
+def _mlp_classifier() -> tuple[nn.Module, str, str]:
+    config = MLPClassifierConfig(input_size=6, hidden_size=8, num_layers=2, num_labels=3)
+    return MLPForImageClassification(config), "layers.0", "layers.1"
+
+
+@pytest.mark.parametrize("build", [_llama, _gpt2, _mlp_classifier], ids=["llama", "gpt2", "mlp"])
+def test_a_frozen_dense_layer_converts_to_a_frozen_area_layer(build):
+    model, frozen, trained = build()
+    model.get_submodule(frozen).requires_grad_(False)
+    convert_to_sal(model, SALConfig(num_areas=2, routing_dim=4, shared_path=True))
+    for name, expected in ((frozen, False), (trained, True)):
+        area_layers = [m for m in model.get_submodule(name).modules() if isinstance(m, AreaLinear)]
+        assert area_layers, name
+        for layer in area_layers:
+            assert set(_requires_grad(layer).values()) == {expected}, name

@@ -40,16 +40,18 @@ def upcycle_conv1d(conv: Conv1D, sal_config: SALConfig) -> AreaLinear:
     """An `AreaLinear` whose every area is a copy of GPT-2's `Conv1D`.
 
     `Conv1D` computes `x @ weight + bias` with `weight` `[in, out]`; an area stores `[out, in]`,
-    so the weight is transposed.
+    so the weight is transposed. A frozen `Conv1D` gives a frozen area layer.
     """
-    bias = None if conv.bias is None else conv.bias.data
-    return AreaLinear.from_dense(
-        conv.weight.data.T, bias, sal_config.num_areas, sal_config.shared_path
-    )
+    # The transposed weight as a parameter, whose flag `from_dense` keeps (a plain view has none).
+    weight = nn.Parameter(conv.weight.detach().T, requires_grad=conv.weight.requires_grad)
+    return AreaLinear.from_dense(weight, conv.bias, sal_config.num_areas, sal_config.shared_path)
 
 
 def upcycle_dense(layer: nn.Module, sal_config: SALConfig) -> AreaLinear:
-    """Upcycle an `nn.Linear` or a `Conv1D` into an `AreaLinear` computing the same function."""
+    """Upcycle an `nn.Linear` or a `Conv1D` into an `AreaLinear` computing the same function.
+
+    The area layer keeps the dense layer's `requires_grad`: what was frozen stays frozen.
+    """
     if isinstance(layer, nn.Linear):
         return upcycle_linear(layer, sal_config)
     if isinstance(layer, Conv1D):
