@@ -123,7 +123,10 @@ def _load_config(folder: Path) -> PreTrainedConfig:
             f"{folder} has no {CONFIG_NAME}; a SAL checkpoint is the folder written by "
             "model.save_pretrained(folder) for a model converted with sal_hf.convert_to_sal."
         )
-    config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+    try:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as error:  # unreadable JSON, no or unknown model_type
+        raise SALCheckpointError(f"{folder / CONFIG_NAME} cannot be read: {error}") from error
     if not isinstance(getattr(config, "sal_config", None), Mapping):
         raise SALCheckpointError(
             f"{folder} is not a SAL checkpoint: its {CONFIG_NAME} has no 'sal_config'. Load the "

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import typing
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -15,6 +17,14 @@ FeedbackMode = Literal["region", "area"]
 
 # The number of areas a method uses when `num_areas` is left unset.
 _DEFAULT_AREAS = {"sal": 16, "dfa": 1, "bp": 1}
+# Seeds are below 2**32 (what numpy and `transformers.set_seed` accept too). Routers and
+# feedback matrices seed their generators with `seed + 104729 * (index + 1)` and
+# `seed + 7919 * (index + 1)`; from below 2**32 these stay far inside the 2**64 torch accepts.
+SEED_LIMIT = 2**32
+_REAL_FIELDS = (
+    "router_temperature", "balance_loss_weight", "prototype_loss_weight", "router_momentum",
+    "feedback_scale",
+)
 
 
 @dataclass
@@ -27,8 +37,11 @@ class SALConfig:
         num_areas: areas per area layer. Unset means 16 for `sal` and 1 for `dfa` and `bp`.
             `sal` needs at least 2, `dfa` exactly 1.
         routing: `"sample"` routes each sample to one area (a sequence by the mean over its
-            tokens); `"token"` routes every token on its own (language models).
-        routing_dim: width of the learned routing space the prototypes live in.
+            tokens); `"token"` routes every token on its own (language models). With one area
+            (`dfa`, and `bp` unless `num_areas` is set) there is no router and both values do
+            the same; either is accepted, so one command line serves every method.
+        routing_dim: width of the learned routing space the prototypes live in; at least 2
+            when there are several areas. From `num_areas` on, the prototypes are orthogonal.
         router_temperature: softmax temperature of the soft assignment used only by the balance
             term (the routing decision itself is a hard arg-max).
         balance_loss_weight: weight of the term that keeps area usage uniform.
@@ -36,7 +49,7 @@ class SALConfig:
             prototype.
         router_momentum: momentum of the running mean that centres the routing space.
         feedback: `"region"` gives each region one fixed feedback matrix; `"area"` gives every
-            area of a region its own, picked by the sample's area.
+            area of a region its own, picked by the sample's area (`sal` only).
         feedback_rank: when set, the output error is first compressed by one shared fixed matrix
             (num_outputs x feedback_rank), then each region has a small (feedback_rank x width)
             matrix. Use it for vocabulary-sized outputs.
@@ -47,7 +60,11 @@ class SALConfig:
         feedback_scale: multiplier on the 1/sqrt(fan-in) scale of the feedback matrices.
         shared_path: add an always-on dense path beside the selective area path of each area
             layer, so every sample also trains shared features.
-        seed: seed from which prototypes and feedback matrices are regenerated.
+        seed: seed from which prototypes and feedback matrices are regenerated, an integer in
+            [0, 2**32).
+
+    The float settings take any finite real number (stored as `float`); `shared_path` takes a
+    `bool` only, so that a string such as `"no"` is not read as true.
     """
 
     method: Method = "sal"
@@ -88,8 +105,19 @@ class SALConfig:
             if getattr(self, name) is not None:
                 positive_ints[name] = getattr(self, name)
         for name, value in positive_ints.items():
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not _is_int(value) or value < 1:
                 raise ValueError(f"SALConfig.{name} must be an integer >= 1, got {value!r}.")
+        if not _is_int(self.seed) or not 0 <= self.seed < SEED_LIMIT:
+            raise ValueError(
+                f"SALConfig.seed must be an integer in [0, 2**32), got {self.seed!r}: the seeds "
+                "derived from it for each router and feedback matrix must fit torch's generator."
+            )
+        if not isinstance(self.shared_path, bool):
+            raise ValueError(
+                f"SALConfig.shared_path must be True or False, got {self.shared_path!r}."
+            )
+        for name in _REAL_FIELDS:
+            setattr(self, name, _finite_float(name, getattr(self, name)))
         for name in ("router_temperature", "feedback_scale"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"SALConfig.{name} must be > 0, got {getattr(self, name)!r}.")
@@ -122,6 +150,27 @@ class SALConfig:
             raise ValueError(
                 "feedback='area' needs several areas, but num_areas=1; use feedback='region'."
             )
+        if self.feedback == "area" and not self.uses_feedback:
+            raise ValueError(
+                f"feedback='area' gives each area its own feedback matrix, but method='bp' "
+                f"trains by backprop and uses no feedback (num_areas={self.num_areas}). Use "
+                "method='sal' for per-area feedback, or feedback='region' with method='bp'."
+            )
+        # Refused rather than warned about: the router picks the prototype of highest cosine
+        # similarity, and in one dimension every cosine is +1 or -1, so at most two areas (the
+        # first prototype of each sign) could ever be chosen. From two dimensions on, each
+        # unit-norm prototype wins for the inputs that point its way, so every area stays
+        # reachable when routing_dim < num_areas (the prototypes are then spread out rather
+        # than orthogonal); that is accepted without a warning.
+        if self.uses_routing and self.routing_dim == 1:
+            raise ValueError(
+                f"routing_dim=1 cannot route among num_areas={self.num_areas} areas: in one "
+                "dimension every cosine with a prototype is +1 or -1, so at most 2 areas could "
+                "ever be chosen. Use routing_dim >= 2 (the default is 32)."
+            )
+        # `routing` is accepted with one area, where there is no router: both values then do
+        # the same, and refusing one would make the token-routing default of the causal-LM
+        # recipe an error for `dfa` and `bp`.
 
     @property
     def uses_feedback(self) -> bool:
@@ -145,3 +194,23 @@ class SALConfig:
                 f"Unknown SALConfig fields {unknown}; known fields are {sorted(known)}."
             )
         return cls(**values)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _finite_float(name: str, value: Any) -> float:
+    """`value` as a float, if it is a finite real number (a bool or a string is not)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(
+            f"SALConfig.{name} must be a real number, got {value!r} ({type(value).__name__}); "
+            f"pass it as a float, e.g. {name}=0.5."
+        )
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond the float range
+        number = math.inf
+    if not math.isfinite(number):
+        raise ValueError(f"SALConfig.{name} must be finite, got {value!r}.")
+    return number

@@ -243,6 +243,23 @@ def test_weights_whose_shapes_disagree_with_the_config_name_the_key_and_both_sha
     assert "the config gives [3, 8, 12]" in message
 
 
+def test_a_config_that_is_not_json_is_a_clear_error_naming_the_file(saved):
+    _, folder = saved
+    (folder / "config.json").write_text('{"model_type": "mlp_classifier",')
+    with pytest.raises(SALCheckpointError, match=r"config\.json cannot be read"):
+        AutoSALModelForImageClassification.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("seed", [-1, 2**40])
+def test_a_saved_seed_torch_cannot_use_is_a_clear_error(saved, seed):
+    _, folder = saved
+    config = json.loads((folder / "config.json").read_text())
+    config["sal_config"]["seed"] = seed
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SALCheckpointError, match=r"sal_config in .*config\.json is invalid.*seed"):
+        AutoSALModelForImageClassification.from_pretrained(folder)
+
+
 def test_weights_missing_a_key_are_a_clear_error_naming_it(saved):
     _, folder = saved
     weights = load_file(folder / "model.safetensors")

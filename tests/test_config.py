@@ -55,3 +55,42 @@ def test_dict_round_trip_and_unknown_fields():
     assert SALConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ValueError, match=r"Unknown SALConfig fields \['areas'\]"):
         SALConfig.from_dict({"areas": 3})
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32, 1.5, True, "0"])
+def test_seed_outside_what_torch_generators_take_is_rejected(seed):
+    with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\*\*32\)"):
+        SALConfig(seed=seed)
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [("balance_loss_weight", float("inf"), "must be finite"),
+     ("router_temperature", float("nan"), "must be finite"),
+     ("feedback_scale", "0.5", "must be a real number, got '0.5' \\(str\\)"),
+     ("prototype_loss_weight", True, "must be a real number")],
+)
+def test_float_settings_must_be_finite_real_numbers(field, value, message):
+    with pytest.raises(ValueError, match=f"SALConfig.{field} {message}"):
+        SALConfig(**{field: value})
+
+
+def test_an_integer_float_setting_is_stored_as_a_float():
+    config = SALConfig(balance_loss_weight=2)
+    assert config.balance_loss_weight == 2.0 and isinstance(config.balance_loss_weight, float)
+
+
+def test_shared_path_takes_a_bool_only():
+    with pytest.raises(ValueError, match="shared_path must be True or False, got 'no'"):
+        SALConfig(shared_path="no")
+
+
+def test_backprop_with_per_area_feedback_contradicts_itself():
+    with pytest.raises(ValueError, match="method='bp' trains by backprop and uses no feedback"):
+        SALConfig(method="bp", num_areas=4, feedback="area")
+
+
+def test_one_routing_dimension_cannot_reach_every_area():
+    with pytest.raises(ValueError, match="routing_dim=1 cannot route among num_areas=4"):
+        SALConfig(num_areas=4, routing_dim=1)
+    assert SALConfig(num_areas=8, routing_dim=2).routing_dim == 2  # fewer dims than areas is fine
