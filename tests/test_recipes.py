@@ -90,3 +90,28 @@ def test_missing_dataset_says_how_to_install_it(tmp_path, monkeypatch):
     recipe = load_recipe("train_classifier")
     with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
         recipe.main(["--dataset", "fashion_mnist", "--output_dir", str(tmp_path)])
+
+
+def _write_run(folder: Path, results: dict, history: list[dict]) -> Path:
+    folder.mkdir()
+    (folder / "results.json").write_text(json.dumps(results))
+    (folder / "trainer_state.json").write_text(json.dumps({"log_history": history}))
+    return folder
+
+
+def test_compare_runs_takes_language_model_runs(tmp_path, capsys):
+    compare_runs = load_recipe("compare_runs")
+    common = {"corpus": "shakespeare", "train_runtime_s": 10.0, "total_parameters": 2_000_000}
+    history = [{"epoch": 0.5, "loss": 5.0}, {"epoch": 1.0, "eval_loss": 4.5}]
+    sal = _write_run(tmp_path / "sal", {**common, "method": "sal", "num_areas": 4,
+                                        "eval_perplexity": 480.5, "step_time_ms": 12.0,
+                                        "peak_memory_mb": 110.0,
+                                        "area_usage": {"h.0": [0.5, 0.25, 0.25, 0.0]}}, history)
+    bp = _write_run(tmp_path / "bp", {**common, "method": "bp", "eval_perplexity": 400.25,
+                                      "step_time_ms": 10.0, "peak_memory_mb": 100.0}, history)
+    compare_runs.main([str(sal), str(bp), "--plot", str(tmp_path / "curves.png")])
+    out = capsys.readouterr().out
+    assert "| run | val perplexity |" in out
+    assert "| SAL-4 | 480.50 |" in out and "| BP | 400.25 |" in out
+    assert "SAL-4 vs BP: step time x1.20, peak memory x1.10" in out
+    assert (tmp_path / "curves.png").stat().st_size > 0
