@@ -6,8 +6,8 @@
 Runs `recipes/train_llama_1b.py` under `accelerate launch` with `accelerate_configs/cpu_zero3.yaml`
 (DeepSpeed ZeRO-3, two processes, gloo) and the recipe's defaults, then writes
 `benchmarks/results/llama_1b.json` and the `llama_1b` section of `docs/results.md`: total
-parameters and parameters active per token, peak memory per process, step time, and the loss at
-every step.
+parameters and parameters active per token, peak memory per process, step time, the gradient
+norm before clipping, area usage per layer, and the loss at every step.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import argparse
 import datetime
 import json
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -48,17 +49,63 @@ def launch(options: argparse.Namespace) -> tuple[dict, str]:
     return results, shown
 
 
+def _lowest_balance(entry: dict) -> str:
+    ratios = entry.get("area_entropy_ratio") or {}
+    return f"{min(ratios.values()):.2f}" if ratios else "-"
+
+
 def loss_table(results: dict) -> list[str]:
-    """The per-step losses as one compact table, ten steps a row."""
+    """The per-step figures as one compact table, ten steps a row."""
     steps = results["steps"]
-    lines = ["| steps | task loss (cross-entropy, nats per character) | with router terms |",
-             "|---|---|---|"]
+    lines = ["| steps | task loss (cross-entropy, nats per character) | with router terms "
+             "| gradient norm before clipping | lowest H/logK over layers (training) |",
+             "|---|---|---|---|---|"]
     for start in range(0, len(steps), 10):
         chunk = steps[start:start + 10]
         task = " ".join(f"{entry['task_loss']:.3f}" for entry in chunk)
         total = " ".join(f"{entry['loss']:.2f}" for entry in chunk)
-        lines.append(f"| {chunk[0]['step']}-{chunk[-1]['step']} | {task} | {total} |")
+        norms = " ".join(f"{entry['grad_norm']:.1f}" if entry.get("grad_norm") is not None
+                         else "-" for entry in chunk)
+        balance = " ".join(_lowest_balance(entry) for entry in chunk)
+        lines.append(f"| {chunk[0]['step']}-{chunk[-1]['step']} | {task} | {total} | {norms} "
+                     f"| {balance} |")
     return lines
+
+
+def gradient_rows(results: dict) -> list[str]:
+    """The gradient norm before clipping, and how much of each update clipping keeps."""
+    norms = [entry["grad_norm"] for entry in results["steps"] if entry.get("grad_norm")]
+    limit = results.get("max_grad_norm")
+    if not norms:
+        return []
+    rows = [f"| gradient norm before clipping, median (lowest - highest) | "
+            f"{statistics.median(norms):.1f} ({min(norms):.1f} - {max(norms):.1f}) |"]
+    if limit:
+        kept = [min(1.0, limit / norm) for norm in norms]
+        rows.append(f"| share of the update kept by clipping to max_grad_norm {limit:g}, median | "
+                    f"{statistics.median(kept):.3f} |")
+    return rows
+
+
+def usage_rows(results: dict) -> list[str]:
+    """Area usage per layer: after training on the validation blocks, and during training."""
+    rows = []
+    usage = results.get("area_usage") or {}
+    if usage:
+        ratios = [layer["entropy_ratio"] for layer in usage.values()]
+        rows.append(
+            f"| area usage on the validation blocks after training: H/logK lowest / median over "
+            f"{len(ratios)} layers; largest share of one area | {min(ratios):.3f} / "
+            f"{statistics.median(ratios):.3f}; "
+            f"{max(layer['max_share'] for layer in usage.values()):.3f} |"
+        )
+    trained = [(ratio, entry["step"], name) for entry in results["steps"]
+               for name, ratio in (entry.get("area_entropy_ratio") or {}).items()]
+    if trained:
+        ratio, step, name = min(trained)
+        rows.append(f"| area usage during training: lowest H/logK of a layer at a step | "
+                    f"{ratio:.3f} ({name}, step {step}) |")
+    return rows
 
 
 def markdown(results: dict) -> str:
@@ -77,7 +124,8 @@ def markdown(results: dict) -> str:
         f"{results['num_processes']} CPU processes ({results['model_wrapper']}), "
         f"{'streamed' if results['streamed_regions'] else 'plain'} regions, "
         f"{results['optimizer'].upper()} lr {results['learning_rate']:g} "
-        f"({results['lr_scheduler_type']}), {results['tokens_per_step']} tokens per step.",
+        f"({results['lr_scheduler_type']}), {results['tokens_per_step']} tokens per step."
+        + router_settings(results),
         "",
         "| | |", "|---|---|",
         f"| total parameters | {results['total_parameters']:,} |",
@@ -97,8 +145,18 @@ def markdown(results: dict) -> str:
         lines.append(f"| validation loss ({results.get('eval_blocks', '')} held-out blocks), "
                      f"before -> after | {evaluations[0]['eval_loss']:.3f} -> "
                      f"{evaluations[-1]['eval_loss']:.3f} |")
+    lines += gradient_rows(results) + usage_rows(results)
     lines.append(f"| wall time of `train` | {results['train_runtime_s']:.0f} s |")
-    return "\n".join(lines + [""] + loss_table(results))
+    notes = ["", "H/logK: a layer's area-usage entropy over log(areas); 1 is uniform usage."]
+    return "\n".join(lines + notes + [""] + loss_table(results))
+
+
+def router_settings(results: dict) -> str:
+    if "balance_loss_weight" not in results:
+        return ""
+    return (f" Routers: prototype term x{results['prototype_loss_weight']:g}, balance term "
+            f"x{results['balance_loss_weight']:g}, centring momentum "
+            f"{results['router_momentum']:g}.")
 
 
 def main(argv: list[str]) -> None:
