@@ -17,6 +17,7 @@ uses its tuned rate (`LEARNING_RATES`).
 from __future__ import annotations
 
 import logging
+import re
 import statistics
 import sys
 from dataclasses import dataclass, field
@@ -81,8 +82,24 @@ class TextClassifierArguments:
     shared_path: bool = field(default=False, metadata={"help": "Add an always-on dense path."})
     sal_seed: int = field(default=0, metadata={"help": "Seed of prototypes and feedback."})
     max_length: int = field(default=64, metadata={"help": "Tokens kept per snippet."})
+    split_seed: int | None = field(
+        default=None,
+        metadata={"help": "Seed of the train/validation/test split (default: --seed). Fix it to "
+                  "vary --seed (initialisation, data order) over the same split."},
+    )
     limit: int | None = field(
         default=None, metadata={"help": "Keep the first N rows of each split (smoke tests)."}
+    )
+    freeze: str | None = field(
+        default=None,
+        metadata={"help": "A regular expression: parameters whose names it matches (re.search) "
+                  "are not trained. For ablations, e.g. 'attention\\.' or '^bert\\.' (the head "
+                  "alone)."},
+    )
+    evaluate_test: bool = field(
+        default=True,
+        metadata={"help": "Evaluate on the test split after training; off while tuning settings "
+                  "on the validation split, so that no choice can see the test set."},
     )
 
 
@@ -123,7 +140,20 @@ def build_model(args: TextClassifierArguments, path):
         feedback=args.feedback, feedback_scale=args.feedback_scale,
         routing_dim=args.routing_dim, shared_path=args.shared_path, seed=args.sal_seed,
     )
-    return convert_to_sal(model, sal_config)
+    model = convert_to_sal(model, sal_config)
+    if args.freeze is not None:
+        freeze_parameters(model, args.freeze)
+    return model
+
+
+def freeze_parameters(model, pattern: str) -> None:
+    frozen = [parameter for name, parameter in model.named_parameters()
+              if re.search(pattern, name)]
+    if not frozen:
+        raise ValueError(f"--freeze {pattern!r} matches no parameter name of the model.")
+    for parameter in frozen:
+        parameter.requires_grad_(False)
+    logger.info("Frozen by --freeze %r: %d parameter tensors.", pattern, len(frozen))
 
 
 def tokenized_splits(tokenizer, max_length: int, seed: int, limit: int | None):
@@ -142,7 +172,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     path = minilm_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    splits = tokenized_splits(tokenizer, args.max_length, training_args.seed, args.limit)
+    split_seed = training_args.seed if args.split_seed is None else args.split_seed
+    splits = tokenized_splits(tokenizer, args.max_length, split_seed, args.limit)
     model = build_model(args, path)
     timer = StepTimer()
     trainer = SALTrainer(
@@ -151,7 +182,9 @@ def main(argv: list[str] | None = None) -> dict:
     )
     with PeakMemory() as memory:
         train_output = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    test_metrics = trainer.evaluate(splits["test"], metric_key_prefix="test")
+    test_metrics = {"test_accuracy": None, "test_loss": None}
+    if args.evaluate_test:
+        test_metrics = trainer.evaluate(splits["test"], metric_key_prefix="test")
     results = collect_results(args, training_args, trainer, train_output, test_metrics, memory,
                               timer, num_train_tokens=sum(map(len, splits["train"]["input_ids"])))
     if trainer.is_world_process_zero():
@@ -187,8 +220,10 @@ def collect_results(args, training_args, trainer, train_output, test_metrics, me
         "total_parameters": counts["total"], "active_parameters": counts["active"],
         "learning_rate": training_args.learning_rate,
         "area_learning_rate_scale": area_learning_rate_scale(training_args, sal_config.num_areas),
+        "head_learning_rate_scale": training_args.head_learning_rate_scale,
         "batch_size": training_args.per_device_train_batch_size,
         "seed": training_args.seed, "sal_seed": args.sal_seed,
+        "split_seed": training_args.seed if args.split_seed is None else args.split_seed,
         "sal_config": sal_config.to_dict(),
         "torch_threads": torch.get_num_threads(),
         **distributed_info(trainer),

@@ -214,3 +214,13 @@ def test_text_classifier_uses_each_methods_rate_unless_one_is_given():
         ["--method", "sal", "--learning_rate=3e-4", "--output_dir", "x"]
     )
     assert training_args.learning_rate == 3e-4
+
+
+def test_text_classifier_freeze_stops_matching_parameters_and_refuses_a_pattern_matching_none():
+    recipe = load_recipe("finetune_text_classifier")
+    model = torch.nn.ModuleDict({"encoder": torch.nn.Linear(3, 3), "head": torch.nn.Linear(3, 2)})
+    recipe.freeze_parameters(model, r"^encoder\.")
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == {
+        "encoder.weight": False, "encoder.bias": False, "head.weight": True, "head.bias": True}
+    with pytest.raises(ValueError, match=r"--freeze 'pooler' matches no parameter name"):
+        recipe.freeze_parameters(model, "pooler")
