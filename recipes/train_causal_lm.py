@@ -45,6 +45,7 @@ from sal_hf.reporting import (
     StepTimer,
     distributed_info,
     plot_learning_curves,
+    quiet_deprecated_collectives,
     write_results,
 )
 from sal_hf.trainer import SALTrainer, SALTrainingArguments, area_learning_rate_scale
@@ -226,6 +227,7 @@ def final_evaluation(trainer: SALTrainer) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    quiet_deprecated_collectives()
     args, training_args = parse_arguments(argv)
     logging.basicConfig(level=logging.INFO if training_args.should_log else logging.WARNING)
     transformers.utils.logging.set_verbosity_warning()

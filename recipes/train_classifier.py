@@ -22,7 +22,13 @@ from transformers import HfArgumentParser, set_seed
 
 from sal_hf import MLPClassifierConfig, MLPForImageClassification, SALConfig, convert_to_sal
 from sal_hf.data import IMAGE_DATASETS, image_dataset_info, load_image_dataset
-from sal_hf.reporting import PeakMemory, distributed_info, plot_learning_curves, write_results
+from sal_hf.reporting import (
+    PeakMemory,
+    distributed_info,
+    plot_learning_curves,
+    quiet_deprecated_collectives,
+    write_results,
+)
 from sal_hf.trainer import SALTrainer, SALTrainingArguments
 
 logger = logging.getLogger("train_classifier")
@@ -133,6 +139,7 @@ def count_parameters(model) -> tuple[int, int]:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    quiet_deprecated_collectives()
     args, training_args = parse_arguments(argv)
     logging.basicConfig(level=logging.INFO if training_args.should_log else logging.WARNING)
     transformers.utils.logging.set_verbosity_warning()

@@ -81,7 +81,13 @@ from transformers import (
 
 from sal_hf import SALConfig, convert_to_sal, parameter_counts
 from sal_hf.data import CORPORA, load_corpus, split_corpus
-from sal_hf.reporting import PeakMemory, StepTimer, distributed_info, write_results
+from sal_hf.reporting import (
+    PeakMemory,
+    StepTimer,
+    distributed_info,
+    quiet_deprecated_collectives,
+    write_results,
+)
 from sal_hf.trainer import SALTrainer, SALTrainingArguments
 
 logger = logging.getLogger("train_llama_1b")
@@ -254,6 +260,7 @@ def load_blocks(args: Llama1BArguments) -> tuple[CharVocabulary, datasets.Datase
 
 
 def main(argv: list[str]) -> dict:
+    quiet_deprecated_collectives()
     args, remaining = parse_arguments(argv)
     logging.basicConfig(level=logging.INFO if int(os.environ.get("RANK", "0")) == 0 else 30)
     transformers.utils.logging.set_verbosity_warning()

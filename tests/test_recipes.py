@@ -115,3 +115,18 @@ def test_compare_runs_takes_language_model_runs(tmp_path, capsys):
     assert "| SAL-4 | 480.50 |" in out and "| BP | 400.25 |" in out
     assert "SAL-4 vs BP: step time x1.20, peak memory x1.10" in out
     assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_recipes_hide_only_the_deprecations_of_the_collectives_deepspeed_calls():
+    import warnings
+
+    from sal_hf.reporting import quiet_deprecated_collectives
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_deprecated_collectives()
+        for name in ("all_gather_into_tensor", "reduce_scatter_tensor", "all_reduce"):
+            warnings.warn(f"`torch.distributed.{name}` is deprecated. Please use ...",
+                          FutureWarning, stacklevel=1)
+    assert [str(w.message) for w in caught] == [
+        "`torch.distributed.all_reduce` is deprecated. Please use ..."]
