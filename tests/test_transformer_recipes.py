@@ -205,15 +205,17 @@ def test_bad_choices_are_refused_naming_the_allowed_ones(recipe_name, arguments,
     assert re.search(message, capsys.readouterr().err)
 
 
-def test_text_classifier_uses_each_methods_rate_unless_one_is_given():
+def test_text_classifier_uses_each_methods_settings_unless_given():
     recipe = load_recipe("finetune_text_classifier")
-    for method, rate in recipe.LEARNING_RATES.items():
+    assert set(recipe.METHOD_DEFAULTS) == {"bp", "dfa", "sal"}
+    for method, settings in recipe.METHOD_DEFAULTS.items():
         _, training_args = recipe.parse_arguments(["--method", method, "--output_dir", "x"])
-        assert training_args.learning_rate == rate
+        assert {name: getattr(training_args, name) for name in settings} == settings
     _, training_args = recipe.parse_arguments(
-        ["--method", "sal", "--learning_rate=3e-4", "--output_dir", "x"]
+        ["--method", "sal", "--learning_rate=5e-4", "--head-learning-rate-scale", "2",
+         "--output_dir", "x"]
     )
-    assert training_args.learning_rate == 3e-4
+    assert (training_args.learning_rate, training_args.head_learning_rate_scale) == (5e-4, 2.0)
 
 
 def test_text_classifier_freeze_stops_matching_parameters_and_refuses_a_pattern_matching_none():
