@@ -134,7 +134,9 @@ def git_commit() -> str:
 
 
 def label(settings: dict) -> str:
-    return " ".join(f"{k}={v}" for k, v in settings.items() if k != "method")
+    # A freeze pattern may hold "|", which would end a markdown table cell.
+    text = " ".join(f"{k}={v}" for k, v in settings.items() if k != "method")
+    return text.replace("|", "\\|")
 
 
 class Sweep:
