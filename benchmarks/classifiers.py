@@ -216,8 +216,9 @@ def main(argv: list[str]) -> None:
         print(markdown_tables(runs, cost))
         return
     document = {
-        "benchmark": "classifiers", "command": "python benchmarks/classifiers.py "
-        + " ".join(argv), "date": datetime.date.today().isoformat(),
+        "benchmark": "classifiers",
+        "command": " ".join(["python benchmarks/classifiers.py", *argv]),
+        "date": datetime.date.today().isoformat(),
         "git_commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                                      capture_output=True, text=True).stdout.strip(),
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} "
