@@ -124,6 +124,10 @@ class Router(nn.Module):
         projected = self.projection(flat.to(self.projection.weight.dtype)).float()
         if self.training and torch.is_grad_enabled():
             self._update_running_mean(projected.detach())
+        # Limitation: evaluation centres with the mean kept from training batches. With a small
+        # momentum and a body that moves fast (the 1B recipe: momentum 0, SGD 0.5) that mean is
+        # one update behind the final weights, and evaluation routes less evenly than training
+        # did (docs/results.md, 1B section).
         centred = F.normalize(projected - self.running_mean.float(), dim=-1)
         similarity = centred @ self.prototypes.float().T  # [tokens, num_areas], cosines
         areas = similarity.argmax(dim=-1)
