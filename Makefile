@@ -7,8 +7,8 @@ ACCELERATE := $(VENV)/bin/accelerate
 OUT ?= outputs
 DEMO_EPOCHS ?= 15
 
-.PHONY: demo test lint bench bench-classifiers bench-transformers bench-depth bench-streamed \
-	bench-1b setup data clean
+.PHONY: demo test lint bench bench-classifiers bench-transformers bench-minilm-sweep bench-depth \
+	bench-streamed bench-1b setup data clean
 
 ## demo: train SAL-16 and tuned BP on MNIST and print them side by side
 demo: setup
@@ -37,6 +37,10 @@ bench-classifiers: setup
 
 bench-transformers: setup
 	$(PY) benchmarks/transformers_bench.py
+
+# The validation-only search behind the MiniLM settings of bench-transformers (about 1.5 h).
+bench-minilm-sweep: setup
+	$(PY) benchmarks/minilm_sweep.py
 
 bench-depth: setup
 	$(PY) benchmarks/depth_sweep.py
