@@ -281,7 +281,7 @@ class SALController(nn.Module):
     def _head_post_hook(self, module, args, output):
         if not self._learning():
             self._hidden.clear()
-            self._warn_if_only_the_head_would_learn()
+            self._warn_if_only_the_head_would_learn(_first_tensor(output))
             return None
         missing = [r.name for i, r in enumerate(self._regions) if i not in self._hidden]
         if missing:
@@ -291,19 +291,23 @@ class SALController(nn.Module):
         logits = FeedbackTap.apply(self.feedback, self._signal, _first_tensor(output), *hidden)
         return _replace_first(output, logits)
 
-    def _warn_if_only_the_head_would_learn(self) -> None:
-        # Regions get their feedback only in training mode; a loss computed in eval mode with
-        # gradients on (a fine-tuning loop that never calls .train(), e.g. after from_pretrained,
-        # which returns the model in eval mode) would silently train the head alone.
-        if self.training or not torch.is_grad_enabled() or not self.sal_config.uses_feedback:
+    def _warn_if_only_the_head_would_learn(self, logits: torch.Tensor) -> None:
+        # Regions get their feedback only in training mode; a backward pass from a forward in
+        # eval mode (a fine-tuning loop that never calls .train(), e.g. after from_pretrained,
+        # which returns the model in eval mode) would silently train the head alone. The hook
+        # fires only if a backward reaches the logits: inference without `no_grad` stays quiet.
+        if self.training or not self.sal_config.uses_feedback or self._warned_eval_mode:
             return
+        if torch.is_grad_enabled() and logits.requires_grad:
+            logits.register_hook(self._warn_eval_mode_backward)
+
+    def _warn_eval_mode_backward(self, gradient: torch.Tensor) -> None:
         if not self._warned_eval_mode:
             self._warned_eval_mode = True
             warnings.warn(
-                "This SAL model is in eval mode with gradients enabled: a backward pass now would "
-                "train the head alone, since regions receive their feedback only in training "
-                "mode. Call model.train() before training steps, or use torch.no_grad() for "
-                "evaluation.", UserWarning, stacklevel=4,
+                "A backward pass ran through this SAL model in eval mode: it trains the head "
+                "alone, since regions receive their feedback only in training mode. Call "
+                "model.train() before training steps.", UserWarning, stacklevel=2,
             )
 
     def router_loss(self) -> torch.Tensor | None:

@@ -257,11 +257,16 @@ def test_logged_task_loss_is_the_step_mean_whatever_the_accumulation(tmp_path, a
     assert logged["task_loss"] == pytest.approx(logged["loss"], abs=1e-4)  # logged rounded
 
 
-def test_a_forward_in_eval_mode_with_gradients_warns_that_only_the_head_would_learn():
+def test_a_backward_in_eval_mode_warns_once_that_only_the_head_learns():
     model = tiny_mlp(num_areas=2).eval()
-    with pytest.warns(UserWarning, match="would train the head alone"):
-        model(torch.randn(3, 5))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        model(torch.randn(3, 5))  # inference without no_grad: no backward, no warning
         with torch.no_grad():
             model(torch.randn(3, 5))
+    with pytest.warns(UserWarning, match="trains the head alone"):
+        model(torch.randn(3, 5)).logits.sum().backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(torch.randn(3, 5)).logits.sum().backward()  # said once
+        model.train()(torch.randn(3, 5)).logits.sum().backward()
