@@ -102,6 +102,8 @@ def accuracy_metrics(eval_prediction) -> dict[str, float]:
         predictions = predictions[0]
     predictions, labels = np.asarray(predictions), np.asarray(labels)
     counted = labels != -100
+    if not counted.any():
+        return {"accuracy": float("nan")}
     return {"accuracy": float(np.mean(predictions[counted] == labels[counted]))}
 
 
@@ -119,11 +121,21 @@ _LANGUAGE_MODELS = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()) | set(
 
 def _is_language_model(model) -> bool:
     """True for a causal or masked language model (`GPT2LMHeadModel`, `LlamaForCausalLM`, ...),
-    whose predictions are not class labels comparable position by position."""
+    whose predictions are not class labels comparable position by position.
+
+    The class decides, not `config.architectures`: a classifier loaded from a language model's
+    checkpoint keeps that checkpoint's architectures."""
+    name = type(model).__name__
+    return name in _LANGUAGE_MODELS or "CausalLM" in name or "MaskedLM" in name
+
+
+def _predicts_single_labels(model) -> bool:
+    """Whether arg-max accuracy means something: not for a language model, a regression
+    (`num_labels == 1`) or a multi-label classifier."""
     config = getattr(model, "config", None)
-    names = {type(model).__name__, *(getattr(config, "architectures", None) or [])}
-    return any(name in _LANGUAGE_MODELS or "CausalLM" in name or "MaskedLM" in name
-               for name in names)
+    if _is_language_model(model) or getattr(config, "num_labels", 2) < 2:
+        return False
+    return getattr(config, "problem_type", None) in (None, "single_label_classification")
 
 
 class _OutputHooksLast(TrainerCallback):
@@ -156,7 +168,7 @@ class SALTrainer(Trainer):
         metrics_unset = kwargs.get("compute_metrics") is None and (
             "preprocess_logits_for_metrics" not in kwargs
         )
-        if not positional and metrics_unset and not _is_language_model(model):
+        if not positional and metrics_unset and _predicts_single_labels(model):
             kwargs["compute_metrics"] = accuracy_metrics
             kwargs["preprocess_logits_for_metrics"] = argmax_logits
         super().__init__(model, args, *positional, **kwargs)
@@ -259,11 +271,10 @@ class SALTrainer(Trainer):
             model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
         )
         router_loss = self.sal_controller.router_loss() if model.training else None
-        # The task loss may already be normalised over the whole accumulated batch (a model
-        # that takes `num_items_in_batch`): then the micro-batches of a step add up to the
-        # step's mean, and the Trainer does not divide it. The router loss is a per-micro-batch
-        # mean either way.
-        accumulated = self.model_accepts_loss_kwargs and num_items_in_batch is not None
+        # The task loss may already be normalised over the whole accumulated batch: then the
+        # micro-batches of a step add up to the step's mean, and the Trainer does not divide it.
+        # The router loss is a per-micro-batch mean either way.
+        accumulated = self._loss_is_scaled_for_ga(num_items_in_batch)
         if model.training:
             self._add_to_logged_losses(loss, router_loss, accumulated)
         if router_loss is not None:
@@ -271,6 +282,16 @@ class SALTrainer(Trainer):
                 router_loss = router_loss / self.current_gradient_accumulation_steps
             loss = loss + router_loss.to(loss.dtype)
         return (loss, outputs) if return_outputs else loss
+
+    def _loss_is_scaled_for_ga(self, num_items_in_batch) -> bool:
+        """The Trainer's own rule (`training_step`) for whether it divides the loss by the
+        gradient accumulation steps: the router loss and the logged task loss must follow it."""
+        if getattr(self, "loss_is_scaled_for_ga", None) is not None:
+            return bool(self.loss_is_scaled_for_ga)
+        return bool(
+            (self.model_accepts_loss_kwargs and num_items_in_batch is not None)
+            or self.compute_loss_func is not None
+        )
 
     def _add_to_logged_losses(self, loss, router_loss, accumulated: bool) -> None:
         # Summed on the device: reading the values every step would synchronise a GPU.

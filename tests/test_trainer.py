@@ -7,7 +7,13 @@ import pytest
 import torch
 from datasets import Dataset
 from helpers import tiny_mlp
-from transformers import EvalPrediction, GPT2Config, GPT2LMHeadModel
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    EvalPrediction,
+    GPT2Config,
+    GPT2LMHeadModel,
+)
 
 from sal_hf import (
     MLPClassifierConfig,
@@ -228,10 +234,32 @@ def test_language_models_get_no_accuracy_metric(tmp_path):
     assert trainer.compute_metrics is None
 
 
+def _bert(**config) -> torch.nn.Module:
+    config = BertConfig(vocab_size=40, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=12, max_position_embeddings=16, **config)
+    return convert_to_sal(BertForSequenceClassification(config), SALConfig(method="dfa"))
+
+
+@pytest.mark.parametrize(
+    "config, expected",
+    [(dict(num_labels=3), True),
+     (dict(num_labels=3, architectures=["BertForMaskedLM"]), True),  # loaded from an MLM
+     (dict(num_labels=1), False),  # regression
+     (dict(num_labels=3, problem_type="multi_label_classification"), False)],
+)
+def test_accuracy_is_added_for_single_label_classifiers_only(tmp_path, config, expected):
+    trainer = SALTrainer(model=_bert(**config), args=arguments(tmp_path))
+    assert (trainer.compute_metrics is accuracy_metrics) is expected
+
+
 def test_accuracy_ignores_positions_labelled_minus_100():
     prediction = EvalPrediction(predictions=np.array([[1, 2, 0], [3, 3, 3]]),
                                 label_ids=np.array([[1, -100, 0], [3, 0, -100]]))
     assert accuracy_metrics(prediction) == {"accuracy": 0.75}
+    nothing_counted = EvalPrediction(predictions=np.array([1, 2]), label_ids=np.array([-100] * 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert np.isnan(accuracy_metrics(nothing_counted)["accuracy"])
 
 
 @pytest.mark.parametrize("accumulation", [1, 4])
@@ -255,6 +283,61 @@ def test_logged_task_loss_is_the_step_mean_whatever_the_accumulation(tmp_path, a
     # labels, which it counts unshifted: 16 x 8 labels for 16 x 7 predictions.
     assert logged["task_loss"] == pytest.approx(mean_loss * 7 / 8, rel=1e-5)
     assert logged["task_loss"] == pytest.approx(logged["loss"], abs=1e-4)  # logged rounded
+
+
+def _first_step_losses(tmp_path, model, dataset, accumulation, **trainer_kwargs) -> dict:
+    args = arguments(tmp_path, per_device_train_batch_size=16 // accumulation, max_steps=1,
+                     logging_steps=1, gradient_accumulation_steps=accumulation,
+                     learning_rate=0.0)
+    trainer = SALTrainer(model=model, args=args, train_dataset=dataset.with_format("torch"),
+                         **trainer_kwargs)
+    trainer.train()
+    return next(entry for entry in trainer.state.log_history if "task_loss" in entry)
+
+
+def _sum_over_items(outputs, labels, num_items_in_batch=None):
+    total = torch.nn.functional.cross_entropy(outputs.logits, labels, reduction="sum")
+    return total / (labels.numel() if num_items_in_batch is None else num_items_in_batch)
+
+
+@pytest.mark.parametrize("accumulation", [2, 4])
+def test_task_loss_of_a_compute_loss_func_is_the_step_mean_whatever_the_accumulation(
+    tmp_path, accumulation
+):
+    # A `compute_loss_func` normalises over the accumulated batch, so the Trainer does not divide
+    # its loss; the logged task loss must follow the same rule.
+    # DFA: no router, whose batch-centred routing would differ between micro-batch sizes.
+    dataset = toy_dataset(rows=16)
+    losses = []
+    for folder, steps in (("1", 1), ("n", accumulation)):
+        torch.manual_seed(0)
+        losses.append(_first_step_losses(tmp_path / folder, tiny_mlp(method="dfa"), dataset,
+                                         steps, compute_loss_func=_sum_over_items))
+    reference, logged = losses
+    assert logged["task_loss"] == pytest.approx(reference["task_loss"], rel=1e-5)
+    assert logged["loss"] == pytest.approx(reference["loss"], abs=2e-4)
+
+
+def _tiny_bert_classifier() -> torch.nn.Module:
+    config = BertConfig(vocab_size=40, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=12, max_position_embeddings=16, num_labels=3,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    return convert_to_sal(BertForSequenceClassification(config), SALConfig(method="dfa"))
+
+
+@pytest.mark.parametrize("accumulation", [2, 4])
+def test_a_bert_classifier_loss_is_divided_by_the_accumulation_steps(tmp_path, accumulation):
+    # BERT's classification loss is a plain mean that ignores num_items_in_batch although its
+    # forward takes **kwargs; without `accepts_loss_kwargs = False` the Trainer would not divide
+    # it and the step's loss would grow with the number of micro-batches.
+    ids = torch.randint(1, 40, (16, 6), generator=torch.Generator().manual_seed(1))
+    labels = torch.arange(16) % 3
+    dataset = Dataset.from_dict({"input_ids": ids.numpy(), "labels": labels.numpy()})
+    reference = _first_step_losses(tmp_path / "1", _tiny_bert_classifier(), dataset, 1)
+    logged = _first_step_losses(tmp_path / "n", _tiny_bert_classifier(), dataset, accumulation)
+    assert logged["task_loss"] == pytest.approx(reference["task_loss"], rel=1e-5)
+    assert logged["loss"] == pytest.approx(reference["loss"], abs=2e-4)
 
 
 def test_a_backward_in_eval_mode_warns_once_that_only_the_head_learns():

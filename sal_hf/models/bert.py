@@ -30,7 +30,7 @@ from transformers import BertModel
 from ..config import SALConfig
 from ..conversion import register_handler
 from ..regions import SALLayout
-from .transformer_blocks import block_regions, embedding_region
+from .transformer_blocks import block_regions, embedding_region, loss_ignores_item_count
 
 __all__ = ["BertHandler"]
 
@@ -61,6 +61,7 @@ class BertHandler:
         # a model that classifies the sequence output despite a pooler is not supported.
         head_input = bert.pooler if bert.pooler is not None else model.classifier
         _hand_padding_mask_to_routers(model, bert)
+        loss_ignores_item_count(model)  # every supported BERT head has a plain mean loss
         logger.debug("BERT layout: %d regions.", len(regions))
         return SALLayout(regions, head_input, model.classifier, model.classifier.out_features)
 

@@ -26,7 +26,12 @@ from transformers import GPT2ForSequenceClassification, GPT2LMHeadModel
 from ..config import SALConfig
 from ..conversion import register_handler
 from ..regions import SALLayout
-from .transformer_blocks import block_regions, embedding_region, norm_region
+from .transformer_blocks import (
+    block_regions,
+    embedding_region,
+    loss_ignores_item_count,
+    norm_region,
+)
 
 __all__ = ["GPT2Handler"]
 
@@ -56,6 +61,8 @@ class GPT2Handler:
         # the last non-pad token inside its forward: the error, and so each block's feedback,
         # is non-zero at that token only.
         head_output = model.lm_head if isinstance(model, GPT2LMHeadModel) else model.score
+        if not isinstance(model, GPT2LMHeadModel):
+            loss_ignores_item_count(model)
         logger.debug("GPT-2 layout: %d regions.", len(regions))
         return SALLayout(regions, head_output, head_output, head_output.out_features)
 

@@ -25,6 +25,7 @@ from ..conversion import upcycle_linear
 from ..regions import RegionSpec
 
 __all__ = [
+    "loss_ignores_item_count",
     "block_regions",
     "embedding_region",
     "norm_region",
@@ -134,3 +135,17 @@ def norm_region(name: str, module: nn.Module, width: int) -> RegionSpec:
     product, `e @ W_head` (`[tokens, vocab] x [vocab, width]`).
     """
     return RegionSpec(name, module, width)
+
+
+def loss_ignores_item_count(model: nn.Module) -> None:
+    """Tell the Trainer that `model`'s loss is a plain mean over its own micro-batch.
+
+    BERT's and GPT-2's classification heads compute `CrossEntropyLoss()` (or MSE, BCE) and
+    ignore `num_items_in_batch`, but their `forward` takes `**kwargs`, from which the Trainer
+    (transformers 5.25) concludes that the loss is already normalised over the accumulated batch
+    and does not divide it by the accumulation steps: with gradient accumulation, the loss,
+    its gradients and the logged loss would grow with the number of micro-batches, for backprop
+    too. `accepts_loss_kwargs = False` makes the Trainer divide.
+    """
+    model.accepts_loss_kwargs = False
+
