@@ -125,7 +125,8 @@ def _load_config(folder: Path) -> PreTrainedConfig:
         )
     try:
         config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
-    except (OSError, ValueError, KeyError) as error:  # unreadable JSON, no or unknown model_type
+    except Exception as error:  # noqa: BLE001 - unreadable JSON, no or unknown model_type, a
+        # file that is not a JSON object, a value the config class's own checks refuse.
         raise SALCheckpointError(f"{folder / CONFIG_NAME} cannot be read: {error}") from error
     if not isinstance(getattr(config, "sal_config", None), Mapping):
         raise SALCheckpointError(
@@ -413,8 +414,16 @@ def _build_sal_model(
     kwargs = {} if dtype is None else {"dtype": dtype}
     # Limitation: the base model is initialised at random before the weights replace its
     # values; for very large models that costs time and one extra copy of the weights.
-    model = auto_class.from_config(config, trust_remote_code=False, **kwargs)
-    convert_to_sal(model, sal_config)
+    try:
+        model = auto_class.from_config(config, trust_remote_code=False, **kwargs)
+        convert_to_sal(model, sal_config)
+    except SALCheckpointError:
+        raise
+    except Exception as error:  # transformers' config checks raise many types; all mean the same
+        raise SALCheckpointError(
+            f"The model that {folder / CONFIG_NAME} describes cannot be built: "
+            f"{type(error).__name__}: {error}"
+        ) from error
     if saved_architecture is not None and model.config.sal_architecture != saved_architecture:
         raise SALCheckpointError(
             f"{folder} was saved from a SAL model of architecture {saved_architecture!r}, but "

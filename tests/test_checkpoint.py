@@ -260,6 +260,22 @@ def test_a_saved_seed_torch_cannot_use_is_a_clear_error(saved, seed):
         AutoSALModelForImageClassification.from_pretrained(folder)
 
 
+@pytest.mark.parametrize(
+    "edit, message",
+    [(lambda config: None, "cannot be read"),
+     (lambda config: {**config, "hidden_size": 0}, "(?s)cannot be read.*hidden_size must be >= 1"),
+     (lambda config: {**config, "sal_config": {**config["sal_config"], "feedback_blocks": 2}},
+      "cannot be built")],
+    ids=["null", "bad-model-field", "blocks-without-rank"],
+)
+def test_a_config_that_describes_no_buildable_model_is_a_checkpoint_error(saved, edit, message):
+    _, folder = saved
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(edit(config)))
+    with pytest.raises(SALCheckpointError, match=message):
+        AutoSALModelForImageClassification.from_pretrained(folder)
+
+
 def test_weights_missing_a_key_are_a_clear_error_naming_it(saved):
     _, folder = saved
     weights = load_file(folder / "model.safetensors")
