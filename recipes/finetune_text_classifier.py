@@ -121,8 +121,16 @@ def _given(argv: list[str], name: str) -> bool:
 def parse_arguments(argv: list[str] | None = None):
     argv = sys.argv[1:] if argv is None else argv
     parser = HfArgumentParser((TextClassifierArguments, SALTrainingArguments))
+    # No abbreviated options: `--learning_r 5e-5` would set a rate `_given` does not see, and
+    # the method's default would replace it.
+    parser.allow_abbrev = False
     parser.set_defaults(**TUNED_DEFAULTS)
     args, training_args = parser.parse_args_into_dataclasses(argv)
+    if args.freeze is not None:
+        try:
+            re.compile(args.freeze)
+        except re.error as error:
+            parser.error(f"--freeze {args.freeze!r} is not a regular expression: {error}.")
     for name, value in METHOD_DEFAULTS.get(args.method, {}).items():
         if not _given(argv, name):
             setattr(training_args, name, value)
@@ -160,6 +168,10 @@ def freeze_parameters(model, pattern: str) -> None:
               if re.search(pattern, name)]
     if not frozen:
         raise ValueError(f"--freeze {pattern!r} matches no parameter name of the model.")
+    if len(frozen) == sum(1 for _ in model.parameters()):
+        raise ValueError(
+            f"--freeze {pattern!r} matches every parameter of the model: nothing would train."
+        )
     for parameter in frozen:
         parameter.requires_grad_(False)
     logger.info("Frozen by --freeze %r: %d parameter tensors.", pattern, len(frozen))

@@ -96,10 +96,12 @@ class ClassifierArguments:
 
 def parse_arguments(argv: list[str] | None = None):
     parser = HfArgumentParser((ClassifierArguments, SALTrainingArguments))
+    # No abbreviated options: `--learning_r 0.1` would set the rate unseen by the check below.
+    parser.allow_abbrev = False
     parser.set_defaults(**TUNED_DEFAULTS)
     args, training_args = parser.parse_args_into_dataclasses(argv)
     argv = sys.argv[1:] if argv is None else argv
-    if not any(a.split("=")[0] == "--learning_rate" for a in argv):
+    if not any(a.split("=")[0] in ("--learning_rate", "--learning-rate") for a in argv):
         training_args.learning_rate = METHOD_LEARNING_RATES.get(args.method, 1e-3)
     if args.shared_path is None:
         args.shared_path = args.method == "sal"

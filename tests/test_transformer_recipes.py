@@ -226,3 +226,15 @@ def test_text_classifier_freeze_stops_matching_parameters_and_refuses_a_pattern_
         "encoder.weight": False, "encoder.bias": False, "head.weight": True, "head.bias": True}
     with pytest.raises(ValueError, match=r"--freeze 'pooler' matches no parameter name"):
         recipe.freeze_parameters(model, "pooler")
+    with pytest.raises(ValueError, match=r"--freeze '\.' matches every parameter"):
+        recipe.freeze_parameters(model, ".")
+
+
+def test_text_classifier_refuses_a_freeze_pattern_that_is_no_regex_and_abbreviations(capsys):
+    recipe = load_recipe("finetune_text_classifier")
+    with pytest.raises(SystemExit):
+        recipe.parse_arguments(["--freeze", "((", "--output_dir", "x"])
+    assert "--freeze '((' is not a regular expression" in capsys.readouterr().err
+    # An abbreviation would escape the method defaults' check: it is refused.
+    with pytest.raises(ValueError, match=r"not used by the HfArgumentParser.*'--learning_r'"):
+        recipe.parse_arguments(["--method", "sal", "--learning_r", "5e-5", "--output_dir", "x"])
