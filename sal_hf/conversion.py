@@ -134,7 +134,7 @@ def convert_to_sal(model: nn.Module, sal_config: SALConfig | None = None) -> nn.
         raise ValueError(
             f"convert_to_sal does not support {type(model).__name__}. Supported architectures: "
             f"{', '.join(supported_architectures())}. To add one, write an ArchitectureHandler "
-            "and pass it to sal_hf.register_handler (see docs/method.md)."
+            "and pass it to sal_hf.register_handler (see docs/transformers.md)."
         )
     children = _child_modules(model)
     try:

@@ -178,9 +178,16 @@ class SALController(nn.Module):
         if self.feedback is not None:
             self.feedback.reset_frozen_buffers(self._device())
 
+    def __deepcopy__(self, memo):
+        # Limitation: the hooks are closures over this controller, so a deep copy of a converted
+        # model would get hooks that still drive the original: refused rather than silently wrong.
+        raise TypeError(
+            "A model converted with sal_hf.convert_to_sal cannot be deep-copied: its hooks belong "
+            "to the original. Copy the model before converting and convert the copy, or save it "
+            "with save_pretrained and load it with an AutoSALModelFor* class."
+        )
+
     def _install_hooks(self) -> None:
-        # Limitation: the hooks are closures over this controller, so `copy.deepcopy` of a
-        # converted model gives a copy whose hooks still drive the original; convert the copy.
         self._handles = []
         # (module, hook, handle) of the hooks that record outputs and put feedback on them.
         self._output_hooks: list[tuple[nn.Module, Any, Any]] = []

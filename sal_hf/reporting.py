@@ -171,18 +171,27 @@ def plot_learning_curves(
 
 
 def run_label(results: dict) -> str:
-    if results["method"] == "sal":
-        shared = results.get("shared_path", (results.get("sal_config") or {}).get("shared_path"))
-        return f"SAL-{results['num_areas']}" + (" + shared path" if shared else "")
-    if results["method"] == "bp" and results.get("bp_recipe") == "paper":
+    method = results["method"]
+    if method == "sal":
+        sal_config = results.get("sal_config") or {}
+        shared = results.get("shared_path", sal_config.get("shared_path"))
+        areas = results.get("num_areas", sal_config.get("num_areas", "?"))
+        return f"SAL-{areas}" + (" + shared path" if shared else "")
+    if method == "bp" and results.get("bp_recipe") == "paper":
         return "BP (paper recipe)"
-    return results["method"].upper()
+    return str(method).upper()
 
 
 def usage_summary(results: dict) -> str:
-    """Per SAL layer: normalised usage entropy and the largest area share on the test set."""
+    """Per SAL layer: normalised usage entropy and the largest area share on the test set.
+
+    A layer's usage is its list of fractions, or a mapping holding them under "fractions" (as
+    the 1B recipe writes it)."""
     parts = []
-    for layer, fractions in results.get("area_usage", {}).items():
+    for layer, usage in (results.get("area_usage") or {}).items():
+        fractions = usage.get("fractions") if isinstance(usage, dict) else usage
+        if not fractions or len(fractions) < 2:
+            continue
         entropy = -sum(f * math.log(f) for f in fractions if f > 0) / math.log(len(fractions))
         parts.append(f"{layer}: H/logK={entropy:.3f} max={max(fractions):.3f}")
     return "; ".join(parts) if parts else "one area"

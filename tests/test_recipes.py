@@ -113,7 +113,7 @@ def test_compare_runs_takes_language_model_runs(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| run | val perplexity |" in out
     assert "| SAL-4 | 480.50 |" in out and "| BP | 400.25 |" in out
-    assert "SAL-4 vs BP: step time x1.20, peak memory x1.10" in out
+    assert "SAL-4 vs BP: step time x1.20, process peak memory x1.10" in out
     assert (tmp_path / "curves.png").stat().st_size > 0
 
 
@@ -130,3 +130,26 @@ def test_recipes_hide_only_the_deprecations_of_the_collectives_deepspeed_calls()
                           FutureWarning, stacklevel=1)
     assert [str(w.message) for w in caught] == [
         "`torch.distributed.all_reduce` is deprecated. Please use ..."]
+
+
+def test_compare_runs_takes_the_1b_recipe_mixed_runs_and_odd_files(tmp_path, capsys):
+    compare_runs = load_recipe("compare_runs")
+    llama = _write_run(tmp_path / "llama-1b", {
+        "corpus": "shakespeare", "evaluations": [], "total_parameters": 1_012_609_184,
+        "area_usage": {"model.layers.0": {"fractions": [0.5, 0.5], "entropy_ratio": 1.0}},
+        "eval_loss": None}, [])
+    classifier = _write_run(tmp_path / "mlp", {
+        "dataset": "mnist", "method": "sal", "sal_config": {"num_areas": 16},
+        "test_accuracy": 0.97, "peak_memory_increase_mb": 60.0, "area_usage": None}, [])
+    bp = _write_run(tmp_path / "bp", {"dataset": "mnist", "method": "bp", "test_accuracy": 0.98,
+                                      "peak_memory_increase_mb": 20.0,
+                                      "area_usage": {"layers.0": [1.0]}}, [])
+    compare_runs.main([str(llama), str(classifier), str(bp)])
+    out = capsys.readouterr().out
+    assert "| llama-1b | n/a |" in out and "model.layers.0: H/logK=1.000" in out
+    assert "| SAL-16 | 97.00% |" in out and "| BP | 98.00% |" in out
+    assert "SAL-16 vs BP: training memory (rise during training) x3.00" in out
+    assert "trained on different data (shakespeare, mnist, mnist)" in out
+    (tmp_path / "bp" / "results.json").write_text("{not json")
+    with pytest.raises(SystemExit, match="cannot be read as JSON"):
+        compare_runs.main([str(bp)])

@@ -353,3 +353,11 @@ def test_a_backward_in_eval_mode_warns_once_that_only_the_head_learns():
         warnings.simplefilter("error")
         model(torch.randn(3, 5)).logits.sum().backward()  # said once
         model.train()(torch.randn(3, 5)).logits.sum().backward()
+
+
+def test_deep_copying_a_converted_model_is_refused_with_what_to_do_instead():
+    import copy
+
+    with pytest.raises(TypeError, match="cannot be deep-copied.*convert the copy"):
+        copy.deepcopy(tiny_mlp(num_areas=2))
+
