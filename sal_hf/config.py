@@ -100,6 +100,12 @@ class SALConfig:
                 )
 
     def _check_numbers(self) -> None:
+        # Integers of other types (numpy's, from a sweep) are stored as plain ints, so that the
+        # config stays JSON-serialisable and equal to one built from the same values.
+        for name in ("num_areas", "routing_dim", "feedback_rank", "feedback_blocks", "seed"):
+            value = getattr(self, name)
+            if _is_int(value) and type(value) is not int:
+                setattr(self, name, int(value))
         positive_ints = {"num_areas": self.num_areas, "routing_dim": self.routing_dim}
         for name in ("feedback_rank", "feedback_blocks"):
             if getattr(self, name) is not None:
@@ -197,7 +203,7 @@ class SALConfig:
 
 
 def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _finite_float(name: str, value: Any) -> float:

@@ -94,3 +94,16 @@ def test_one_routing_dimension_cannot_reach_every_area():
     with pytest.raises(ValueError, match="routing_dim=1 cannot route among num_areas=4"):
         SALConfig(num_areas=4, routing_dim=1)
     assert SALConfig(num_areas=8, routing_dim=2).routing_dim == 2  # fewer dims than areas is fine
+
+
+def test_numpy_integers_are_accepted_and_stored_as_ints():
+    import json
+
+    import numpy as np
+
+    config = SALConfig(num_areas=np.int64(4), routing_dim=np.int32(8), seed=np.int64(3))
+    assert (config.num_areas, config.routing_dim, config.seed) == (4, 8, 3)
+    assert all(type(v) is int for v in (config.num_areas, config.routing_dim, config.seed))
+    assert SALConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    with pytest.raises(ValueError, match="num_areas must be an integer >= 1"):
+        SALConfig(num_areas=np.bool_(True))
