@@ -20,7 +20,8 @@ for (i,o) in [(256,1024),(1024,256)]:
   sizes=(256,256,256,256)
   lin=torch.nn.Linear(i,o)
   def area():
-    y=_GroupedLinear.apply(x,a.weight,a.bias,None,sizes); y.backward(g); a.weight.grad=None; a.bias.grad=None; x.grad=None
+    y=_GroupedLinear.apply(x,a.weight,a.bias,None,sizes); y.backward(g)
+    a.weight.grad=None; a.bias.grad=None; x.grad=None
   def dense():
     y=lin(x); y.backward(g); lin.weight.grad=None; lin.bias.grad=None; x.grad=None
   print(i,o,'area ms',bench(area),'dense ms',bench(dense))
