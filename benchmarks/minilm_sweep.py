@@ -37,7 +37,7 @@ import sys
 import time
 from pathlib import Path
 
-from results_doc import replace_section  # benchmarks/ is on the path when run as a script
+from results_doc import git_commit, replace_section  # benchmarks/ is on sys.path
 from transformers_bench import MINILM_BUDGET, SEED, THREADS
 
 from sal_hf.reporting import write_results
@@ -122,15 +122,6 @@ def run(stage: str, name: str, settings: dict, seed: int, resume: bool) -> dict:
     print(f"[{name} seed {seed}] validation accuracy {record['validation_accuracy']:.4f}",
           flush=True)
     return record
-
-
-def git_commit() -> str:
-    def git(*arguments: str) -> str:
-        return subprocess.run(["git", *arguments], cwd=ROOT, capture_output=True,
-                              text=True).stdout.strip()
-
-    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
-    return git("rev-parse", "HEAD") + (" (with uncommitted changes)" if dirty else "")
 
 
 def label(settings: dict) -> str:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import datetime
+import subprocess
 from pathlib import Path
 
-RESULTS_DOC = Path(__file__).resolve().parents[1] / "docs" / "results.md"
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DOC = ROOT / "docs" / "results.md"
 HEADER = "# Results\n\nEvery figure below was written by the benchmark command shown with it.\n"
 
 
@@ -22,3 +24,13 @@ def replace_section(name: str, body: str, command: str) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
     RESULTS_DOC.write_text(text)
+
+
+def git_commit() -> str:
+    """The checked-out commit, marked when tracked files have uncommitted changes."""
+    def git(*arguments: str) -> str:
+        return subprocess.run(["git", *arguments], cwd=ROOT, capture_output=True,
+                              text=True).stdout.strip()
+
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    return git("rev-parse", "HEAD") + (" (with uncommitted changes)" if dirty else "")

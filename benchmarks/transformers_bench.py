@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
 import platform
 import subprocess
@@ -30,11 +29,11 @@ import time
 from pathlib import Path
 
 import torch
-from results_doc import replace_section  # benchmarks/ is on the path when run as a script
+from results_doc import git_commit, replace_section  # benchmarks/ is on sys.path
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from sal_hf import SALConfig, convert_to_sal, parameter_counts
-from sal_hf.reporting import PeakMemory, run_label, write_results
+from sal_hf.reporting import PeakMemory, run_label, usage_entropy_ratio, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_FILE = ROOT / "benchmarks" / "results" / "transformers.json"
@@ -212,8 +211,7 @@ def _usage(results: dict) -> str:
     layers = list(results.get("area_usage", {}).values())
     if not layers:
         return "one area"
-    entropies = [-sum(f * math.log(f) for f in fractions if f > 0) / math.log(len(fractions))
-                 for fractions in layers]
+    entropies = [usage_entropy_ratio(fractions) for fractions in layers]
     return f"min H/logK {min(entropies):.3f}, max share {max(max(f) for f in layers):.3f}"
 
 
@@ -318,15 +316,6 @@ def markdown(runs: list[dict], cost: dict | None, found: dict) -> str:
     return "\n\n".join("\n".join(lines) for lines in sections)
 
 
-def _git_commit() -> str:
-    def git(*arguments: str) -> str:
-        return subprocess.run(["git", *arguments], cwd=ROOT, capture_output=True,
-                              text=True).stdout.strip()
-
-    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
-    return git("rev-parse", "HEAD") + (" (with uncommitted changes)" if dirty else "")
-
-
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*", choices=sorted(RECIPES), default=sorted(RECIPES))
@@ -350,7 +339,7 @@ def main(argv: list[str]) -> None:
                         *[argument for argument in argv if argument != "--resume"]])
     document = {
         "benchmark": "transformers", "command": command,
-        "date": datetime.date.today().isoformat(), "git_commit": _git_commit(),
+        "date": datetime.date.today().isoformat(), "git_commit": git_commit(),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"{THREADS} thread per run", "seed": SEED,
         "budgets": {"minilm": MINILM_BUDGET, "gpt2_model": GPT2_MODEL, "gpt2": GPT2_BUDGET},

@@ -134,6 +134,8 @@ def parse_arguments(argv: list[str] | None = None):
     for name, value in METHOD_DEFAULTS.get(args.method, {}).items():
         if not _given(argv, name):
             setattr(training_args, name, value)
+    if args.split_seed is None:
+        args.split_seed = training_args.seed
     return args, training_args
 
 
@@ -194,8 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     path = minilm_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    split_seed = training_args.seed if args.split_seed is None else args.split_seed
-    splits = tokenized_splits(tokenizer, args.max_length, split_seed, args.limit)
+    splits = tokenized_splits(tokenizer, args.max_length, args.split_seed, args.limit)
     model = build_model(args, path)
     timer = StepTimer()
     trainer = SALTrainer(
@@ -245,7 +246,7 @@ def collect_results(args, training_args, trainer, train_output, test_metrics, me
         "head_learning_rate_scale": training_args.head_learning_rate_scale,
         "batch_size": training_args.per_device_train_batch_size,
         "seed": training_args.seed, "sal_seed": args.sal_seed,
-        "split_seed": training_args.seed if args.split_seed is None else args.split_seed,
+        "split_seed": args.split_seed,
         "sal_config": sal_config.to_dict(),
         "torch_threads": torch.get_num_threads(),
         **distributed_info(trainer),

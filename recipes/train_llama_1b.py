@@ -86,6 +86,7 @@ from sal_hf.reporting import (
     StepTimer,
     distributed_info,
     quiet_deprecated_collectives,
+    usage_entropy_ratio,
     write_results,
 )
 from sal_hf.trainer import SALTrainer, SALTrainingArguments
@@ -315,14 +316,13 @@ def entropy_ratios(entry: dict, num_areas: int, prefix: str = "") -> dict[str, f
             for name, value in entry.items() if name.startswith(key)}
 
 
-def area_usage(trainer: SALTrainer, num_areas: int) -> dict[str, dict]:
+def area_usage(trainer: SALTrainer) -> dict[str, dict]:
     """Per SAL layer, usage on the last evaluation (every rank's tokens): the fraction of tokens
-    per area, its entropy over log(num_areas) and the largest fraction."""
+    per area, its entropy over log(areas) and the largest fraction."""
     usage = {}
     for name, fractions in trainer.last_area_usage.items():
-        entropy = -sum(f * math.log(f) for f in fractions if f > 0)
         usage[name] = {"fractions": [round(f, 5) for f in fractions],
-                       "entropy_ratio": round(entropy / math.log(num_areas), 4),
+                       "entropy_ratio": round(usage_entropy_ratio(fractions), 4),
                        "max_share": round(max(fractions), 4)}
     return usage
 
@@ -347,7 +347,7 @@ def collect_results(args, training_args, trainer, train_output, memory, recorder
         "intermediate_size": args.intermediate_size, "num_areas": args.num_areas,
         "routing": args.routing, "corpus": args.corpus, "tokenizer": "char",
         "block_size": args.block_size, "steps": steps, "evaluations": evaluations,
-        "area_usage": area_usage(trainer, args.num_areas),
+        "area_usage": area_usage(trainer),
         "prototype_loss_weight": args.prototype_loss_weight,
         "balance_loss_weight": args.balance_loss_weight, "router_momentum": args.router_momentum,
         "max_grad_norm": training_args.max_grad_norm,

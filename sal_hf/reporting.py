@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from .routing import usage_entropy
+
 __all__ = [
     "PeakMemory",
     "StepTimer",
@@ -22,6 +24,7 @@ __all__ = [
     "plot_learning_curves",
     "quiet_deprecated_collectives",
     "run_label",
+    "usage_entropy_ratio",
     "usage_summary",
     "write_results",
 ]
@@ -186,6 +189,11 @@ def run_label(results: dict) -> str:
     return str(method).upper()
 
 
+def usage_entropy_ratio(fractions: list[float]) -> float:
+    """The entropy of a layer's area usage over log(number of areas): 1 is uniform usage."""
+    return usage_entropy(torch.tensor(fractions)) / math.log(len(fractions))
+
+
 def usage_summary(results: dict) -> str:
     """Per SAL layer: normalised usage entropy and the largest area share on the test set.
 
@@ -196,8 +204,8 @@ def usage_summary(results: dict) -> str:
         fractions = usage.get("fractions") if isinstance(usage, dict) else usage
         if not fractions or len(fractions) < 2:
             continue
-        entropy = -sum(f * math.log(f) for f in fractions if f > 0) / math.log(len(fractions))
-        parts.append(f"{layer}: H/logK={entropy:.3f} max={max(fractions):.3f}")
+        parts.append(f"{layer}: H/logK={usage_entropy_ratio(fractions):.3f} "
+                     f"max={max(fractions):.3f}")
     return "; ".join(parts) if parts else "one area"
 
 

@@ -25,9 +25,9 @@ from ..conversion import upcycle_linear
 from ..regions import RegionSpec
 
 __all__ = [
-    "loss_ignores_item_count",
     "block_regions",
     "embedding_region",
+    "loss_ignores_item_count",
     "norm_region",
     "replace_with_areas",
     "upcycle_conv1d",
@@ -148,4 +148,3 @@ def loss_ignores_item_count(model: nn.Module) -> None:
     too. `accepts_loss_kwargs = False` makes the Trainer divide.
     """
     model.accepts_loss_kwargs = False
-
