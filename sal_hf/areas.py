@@ -90,13 +90,9 @@ class AreaLinear(nn.Module):
                 layer.shared.weight.zero_()
                 if layer.shared.bias is not None:
                     layer.shared.bias.zero_()
-        layer.weight.requires_grad_(_trains(weight))
-        if layer.shared is not None:
-            layer.shared.weight.requires_grad_(_trains(weight))
-        if bias is not None:
-            layer.bias.requires_grad_(_trains(bias))
-            if layer.shared is not None:
-                layer.shared.bias.requires_grad_(_trains(bias))
+        trains = {"weight": _trains(weight), "bias": bias is not None and _trains(bias)}
+        for name, parameter in layer.named_parameters():  # weight, bias, shared.weight, ...
+            parameter.requires_grad_(trains[name.rsplit(".", 1)[-1]])
         return layer
 
     def forward(self, inputs: torch.Tensor, areas: torch.Tensor | None = None) -> torch.Tensor:
