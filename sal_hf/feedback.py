@@ -128,12 +128,22 @@ class DirectFeedback(nn.Module):
         region: int,
         areas: torch.Tensor | None,
         hidden_shape: torch.Size,
+        sequence_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """`delta` for one region, shaped like its output `hidden_shape`.
 
         `signal` is the (compressed) error, `[*lead, signal_width]`, where `lead` is a prefix of
-        `hidden_shape[:-1]`: sample-level errors are broadcast over a region's sequence.
+        `hidden_shape[:-1]`: sample-level errors are broadcast over a region's sequence, to the
+        tokens that `sequence_mask` (`hidden_shape[:2]`, nonzero for real tokens) keeps if given.
+        An error that is already per token is left as it is: a padding token's error is its own.
         """
+        delta = self._region_delta(signal, region, areas, hidden_shape)
+        if sequence_mask is not None and signal.dim() < len(hidden_shape):
+            keep = sequence_mask.to(device=delta.device, dtype=delta.dtype)
+            delta = delta * keep.reshape(keep.shape + (1,) * (len(hidden_shape) - keep.dim()))
+        return delta
+
+    def _region_delta(self, signal, region, areas, hidden_shape) -> torch.Tensor:
         matrices = self.matrices(region).to(signal.dtype)
         lead = hidden_shape[:-1]
         if matrices.shape[0] == 1:
@@ -216,17 +226,19 @@ class FeedbackTap(torch.autograd.Function):
 class FeedbackInjector(torch.autograd.Function):
     """Identity on one region's output; in backward its gradient is `delta_l = e @ B_l`.
 
-    `apply(feedback, signal, region, areas, hidden)`. Each region computes its `delta` when
-    autograd reaches it, so the deltas of all regions are never held at once: with streamed
-    (recomputed) regions, the backward pass holds one region's activations and one `delta`.
+    `apply(feedback, signal, region, areas, sequence_mask, hidden)`; `sequence_mask` (or None)
+    keeps a sample-level error off padding tokens. Each region computes its `delta` when autograd
+    reaches it, so the deltas of all regions are never held at once: with streamed (recomputed)
+    regions, the backward pass holds one region's activations and one `delta`.
     """
 
     @staticmethod
-    def forward(ctx, feedback, signal, region, areas, hidden):  # noqa: D102
+    def forward(ctx, feedback, signal, region, areas, sequence_mask, hidden):  # noqa: D102
         ctx.feedback = feedback
         ctx.signal = signal
         ctx.region = region
         ctx.areas = areas
+        ctx.sequence_mask = sequence_mask
         ctx.hidden_meta = (hidden.shape, hidden.dtype)
         return hidden.view_as(hidden)
 
@@ -238,5 +250,7 @@ class FeedbackInjector(torch.autograd.Function):
                 "logits; region outputs may only reach the loss through the head."
             )
         shape, dtype = ctx.hidden_meta
-        delta = ctx.feedback.region_signal(ctx.signal.value, ctx.region, ctx.areas, shape)
-        return None, None, None, None, delta.to(dtype)
+        delta = ctx.feedback.region_signal(
+            ctx.signal.value, ctx.region, ctx.areas, shape, ctx.sequence_mask
+        )
+        return None, None, None, None, None, delta.to(dtype)

@@ -109,11 +109,27 @@ class SALController(nn.Module):
         self._areas: dict[int, torch.Tensor] = {}
         self._signal = ErrorSignal()
         self._warned_eval_mode = False
+        # `[batch, seq]`, nonzero for real tokens, while a handler knows it (BERT): routers
+        # average only real tokens and a sample-level error reaches only real tokens.
+        self.sequence_mask: torch.Tensor | None = None
         self._install_hooks()
 
     @property
     def regions(self) -> Sequence[RegionSpec]:
         return tuple(self._regions)
+
+    def set_sequence_mask(self, mask: torch.Tensor | None) -> None:
+        """Hand the padding mask of the coming forward pass (`[batch, seq]`, nonzero for real
+        tokens) to the routers and the feedback, or take it back with None.
+
+        A padding token never reaches the loss, so backprop gives it no gradient; broadcast
+        feedback would give it the sample's `delta` and train the blocks on what they compute
+        for padding. With the mask, a sample's update is the same whatever padding its batch
+        needs, as its area is.
+        """
+        self.sequence_mask = mask
+        for router in self.routers.values():
+            router.sequence_mask = mask
 
     def head_parameters(self) -> list[nn.Parameter]:
         """The head's parameters (its input and output modules, each parameter once). A weight
@@ -267,8 +283,9 @@ class SALController(nn.Module):
                         f"region {self._regions[index].name} ran twice in one forward pass; "
                         "SAL regions must be distinct modules, each called once."
                     )
+                mask = self._mask_for(hidden)
                 hidden = FeedbackInjector.apply(
-                    self.feedback, self._signal, index, areas, hidden
+                    self.feedback, self._signal, index, areas, mask, hidden
                 )
                 self._hidden[index] = hidden
             if hidden is _first_tensor(output):
@@ -276,6 +293,17 @@ class SALController(nn.Module):
             return _replace_first(output, hidden)
 
         return hook
+
+    def _mask_for(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        mask = self.sequence_mask
+        if mask is None or hidden.dim() < 3:
+            return None
+        if tuple(mask.shape) != tuple(hidden.shape[:2]):
+            raise ValueError(
+                f"sequence_mask has shape {tuple(mask.shape)} but a region output is "
+                f"{tuple(hidden.shape)}; the mask must be [batch, seq] of the same input."
+            )
+        return mask
 
     def _head_pre_hook(self, module, args, kwargs):
         if not self.sal_config.uses_feedback:

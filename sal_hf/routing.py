@@ -139,8 +139,9 @@ class Router(nn.Module):
 
     def _sequence_mean(self, inputs: torch.Tensor) -> torch.Tensor:
         """`[batch, seq, in]` -> `[batch, in]`: each sequence's mean over its real tokens."""
-        # Limitation: without `sequence_mask` (set only by the BERT handler so far), the mean
-        # includes padding tokens, whose number depends on the rest of the batch.
+        # Limitation: without `sequence_mask` (set by the BERT, GPT-2 and Llama handlers; a
+        # custom handler must call `hand_padding_mask`), the mean includes padding tokens,
+        # whose number depends on the rest of the batch.
         mask = self.sequence_mask
         if mask is None:
             return inputs.mean(dim=1)

@@ -120,6 +120,7 @@ class RecordedStep:
     """What one SAL training step left behind, recorded by hooks on the converted model."""
 
     model: nn.Module
+    batch: dict[str, torch.Tensor]
     region_outputs: list[torch.Tensor] = field(default_factory=list)
     block_input_requires_grad: list[bool] = field(default_factory=list)
     logits: list[torch.Tensor] = field(default_factory=list)
@@ -131,14 +132,16 @@ class RecordedStep:
         areas = router.last_areas if router is not None else None
         signal = controller.feedback.compress(self.logits[0].grad)
         hidden = self.region_outputs[index]
-        return controller.feedback.region_signal(signal, index, areas, hidden.shape)
+        # A sentence-level error reaches real tokens only (a token-level one is left as is).
+        mask = self.batch.get("attention_mask")
+        return controller.feedback.region_signal(signal, index, areas, hidden.shape, mask)
 
 
 def record_sal_step(arch: str, **sal_options) -> RecordedStep:
     """Convert `arch`, run one training step (forward, one backward with the graph kept)."""
     _, model = converted_pair(arch, **sal_options)
     model.train()
-    record = RecordedStep(model)
+    record = RecordedStep(model, make_batch(arch))
     regions = get_controller(model).regions
 
     def keep_output(module, args, output):
@@ -158,7 +161,7 @@ def record_sal_step(arch: str, **sal_options) -> RecordedStep:
     for region in regions[1:]:
         region.module.register_forward_pre_hook(keep_input_flag, with_kwargs=True)
     head_output(model).register_forward_hook(keep_logits)
-    step_loss(model, model(**make_batch(arch))).backward(retain_graph=True)
+    step_loss(model, model(**record.batch)).backward(retain_graph=True)
     return record
 
 

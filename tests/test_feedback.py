@@ -85,3 +85,26 @@ def test_blocks_that_do_not_divide_the_chosen_rank_say_it_was_chosen():
     config = GPT2Config(vocab_size=2000, n_embd=16, n_layer=1, n_head=2, n_positions=8)
     with pytest.raises(ValueError, match="chose as 256 for 2000 outputs"):
         convert_to_sal(GPT2LMHeadModel(config), SALConfig(num_areas=2, feedback_blocks=3))
+
+
+def test_a_sample_level_error_reaches_only_the_tokens_the_mask_keeps():
+    feedback = DirectFeedback(3, [4], [1], seed=5).double()
+    signal = torch.randn(2, 3, dtype=torch.float64)  # one error per sample
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+
+    delta = feedback.region_signal(signal, 0, None, torch.Size([2, 3, 4]), mask)
+
+    per_sample = signal @ feedback.matrices(0)[0]  # [2, 4]
+    expected = per_sample[:, None, :] * mask[:, :, None].double()
+    assert torch.equal(delta, expected)
+
+
+def test_a_token_level_error_is_not_masked_again():
+    # A token classifier's error is per token already: a padding token's error is its own.
+    feedback = DirectFeedback(3, [4], [1], seed=5).double()
+    signal = torch.randn(2, 3, 3, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+
+    delta = feedback.region_signal(signal, 0, None, torch.Size([2, 3, 4]), mask)
+
+    assert torch.equal(delta, signal @ feedback.matrices(0)[0])

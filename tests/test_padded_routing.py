@@ -1,15 +1,29 @@
-"""Per-sample routing of padded sequences: a sample's area must not depend on its batch's padding.
+"""Padded sequences: a sample's area and its update must not depend on its batch's padding.
 
 A per-sample router averages a sequence over its tokens. Padding tokens carry hidden states too,
 so an average that includes them changes with the padding the rest of the batch needs (an
-evaluation batch of snippets of mixed lengths is mostly padding), and the area with it.
+evaluation batch of snippets of mixed lengths is mostly padding), and the area with it. In the
+same way, a sentence-level error broadcast to every token would train the blocks on what they
+compute for padding, which backprop never does.
 """
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
-from transformers import BertConfig, BertForSequenceClassification
+from torch import nn
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2ForSequenceClassification,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaForSequenceClassification,
+)
 
 from sal_hf import AreaLinear, SALConfig, convert_to_sal, get_controller
 from sal_hf.routing import Router
@@ -54,15 +68,33 @@ def test_a_mask_of_another_shape_is_refused_with_both_shapes():
         router(hidden)
 
 
-def tiny_sal_bert() -> BertForSequenceClassification:
-    """A converted, dropout-free BERT whose areas differ, so that the area changes the output."""
-    config = BertConfig(
+CLASSIFIERS = ["bert", "gpt2_classifier", "llama_classifier"]
+
+
+def tiny_classifier(arch: str) -> nn.Module:
+    """A dropout-free two-way classifier of `arch`, token 0 its padding."""
+    if arch == "bert":
+        return BertForSequenceClassification(BertConfig(
+            vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=24, num_hidden_layers=2,
+            num_attention_heads=2, max_position_embeddings=32, hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0, num_labels=2,
+        ))
+    if arch == "gpt2_classifier":
+        return GPT2ForSequenceClassification(GPT2Config(
+            vocab_size=VOCAB, n_embd=WIDTH, n_layer=2, n_head=2, n_positions=32, num_labels=2,
+            pad_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        ))
+    return LlamaForSequenceClassification(LlamaConfig(
         vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=24, num_hidden_layers=2,
-        num_attention_heads=2, max_position_embeddings=32, hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0, num_labels=2,
-    )
-    model = convert_to_sal(BertForSequenceClassification(config),
-                           SALConfig(num_areas=AREAS, routing_dim=8))
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32, num_labels=2,
+        pad_token_id=0,
+    ))
+
+
+def tiny_sal_classifier(arch: str = "bert", method: str = "sal") -> nn.Module:
+    """A converted classifier whose areas differ, so that the area changes the output."""
+    options = {"num_areas": AREAS, "routing_dim": 8} if method == "sal" else {}
+    model = convert_to_sal(tiny_classifier(arch), SALConfig(method=method, **options))
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, AreaLinear):
@@ -77,8 +109,10 @@ def areas_and_logits(model, input_ids, attention_mask):
     return torch.stack(areas, dim=1), logits
 
 
-def test_bert_routes_and_classifies_a_padded_sample_as_it_does_alone():
-    model = tiny_sal_bert()
+@pytest.mark.parametrize("arch", CLASSIFIERS)
+def test_a_padded_sample_is_routed_and_classified_as_it_is_alone(arch):
+    torch.manual_seed(0)
+    model = tiny_sal_classifier(arch)
     _, mask = padded_inputs()
     input_ids = torch.randint(1, VOCAB, mask.shape).masked_fill(mask == 0, 0)
 
@@ -90,11 +124,87 @@ def test_bert_routes_and_classifies_a_padded_sample_as_it_does_alone():
         torch.testing.assert_close(batch_logits[row], logits[0], rtol=1e-4, atol=1e-5)
 
 
-def test_bert_routers_forget_the_mask_after_the_forward_pass():
-    model = tiny_sal_bert()
+@pytest.mark.parametrize("arch", CLASSIFIERS)
+def test_routers_and_feedback_forget_the_mask_after_the_forward_pass(arch):
+    model = tiny_sal_classifier(arch)
     _, mask = padded_inputs()
     input_ids = torch.randint(1, VOCAB, mask.shape)
 
     areas_and_logits(model, input_ids, mask)
 
-    assert all(router.sequence_mask is None for router in get_controller(model).routers.values())
+    controller = get_controller(model)
+    assert controller.sequence_mask is None
+    assert all(router.sequence_mask is None for router in controller.routers.values())
+
+
+def sal_gradients(arch, method, input_ids, attention_mask) -> dict[str, torch.Tensor]:
+    """Every parameter gradient of one training step of a freshly built (same seed) model."""
+    torch.manual_seed(0)
+    model = tiny_sal_classifier(arch, method).train()
+    output = model(input_ids=input_ids, attention_mask=attention_mask, labels=torch.tensor([1]))
+    router_loss = get_controller(model).router_loss()
+    (output.loss if router_loss is None else output.loss + router_loss).backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize(
+    "arch, method", [("bert", "sal"), ("bert", "dfa"), ("gpt2_classifier", "sal"),
+                     ("llama_classifier", "sal")],
+)
+def test_a_padded_sample_gets_the_update_it_gets_alone(arch, method):
+    torch.manual_seed(1)
+    alone = torch.randint(1, VOCAB, (1, 5))
+    padded = torch.cat([alone, torch.zeros(1, 7, dtype=torch.long)], dim=1)
+    mask = (torch.arange(12) < 5).long().unsqueeze(0)
+
+    expected = sal_gradients(arch, method, alone, torch.ones_like(alone))
+    got = sal_gradients(arch, method, padded, mask)
+
+    assert set(got) == set(expected)
+    assert any(re.search(r"\.0\.mlp|layer\.0\.output", name) for name in got)  # blocks learn
+    for name, gradient in expected.items():
+        torch.testing.assert_close(got[name], gradient, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_mask_that_does_not_fit_the_region_outputs_is_refused_with_both_shapes():
+    model = convert_to_sal(
+        BertForSequenceClassification(BertConfig(
+            vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=24, num_hidden_layers=1,
+            num_attention_heads=2, max_position_embeddings=32, num_labels=2,
+        )),
+        SALConfig(method="dfa"),
+    ).train()
+    controller = get_controller(model)
+    embeddings = model.bert.embeddings
+    controller.set_sequence_mask(torch.ones(2, 4, dtype=torch.long))
+
+    with pytest.raises(ValueError, match=r"\(2, 4\).*\(2, 5, 16\)"):
+        embeddings(input_ids=torch.randint(1, VOCAB, (2, 5)))
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_cached_generation_routes_the_new_tokens_with_their_columns_of_the_mask(arch):
+    # The mask covers the cached tokens too; the routers must get the new tokens' columns.
+    if arch == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=WIDTH, n_layer=2, n_head=2,
+                                           n_positions=32, pad_token_id=0))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(
+            vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=24, num_hidden_layers=2,
+            num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
+            pad_token_id=0,
+        ))
+    model = convert_to_sal(model, SALConfig(num_areas=AREAS, routing_dim=8)).eval()
+    seen = []
+    router = next(iter(get_controller(model).routers.values()))
+    router.register_forward_pre_hook(lambda module, args: seen.append(module.sequence_mask))
+    input_ids = torch.tensor([[0, 0, 5, 6], [7, 8, 9, 10]])  # left padding
+    attention_mask = (input_ids != 0).long()
+
+    generated = model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=3,
+                               do_sample=False, pad_token_id=0)
+
+    assert generated.shape == (2, 7)
+    assert torch.equal(seen[0], attention_mask)
+    assert [tuple(mask.shape) for mask in seen[1:]] == [(2, 1), (2, 1)]
+    assert all(torch.equal(mask, torch.ones(2, 1, dtype=torch.long)) for mask in seen[1:])

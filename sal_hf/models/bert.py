@@ -14,23 +14,29 @@ The head is the pooler (when the encoder has one) followed by the classifier, an
 true local gradient. A sentence-level error `[batch, labels]` reaches every token of every layer
 through the same fixed matrix; a token classifier's error reaches each token on its own.
 
-Per-sample routers average a sequence over its real tokens only: the encoder's 2-d
-`attention_mask` is handed to them for each forward pass, so a snippet's area is the same
-whatever padding its batch needs (an evaluation batch of mixed lengths is mostly padding).
+The encoder's 2-d `attention_mask` is handed to the controller for each forward pass
+(`SALController.set_sequence_mask`): per-sample routers average a sequence over its real tokens
+only, and a sentence-level error reaches the real tokens only, as backprop's gradient does. So a
+snippet's area and its update are the same whatever padding its batch needs (an evaluation batch
+of mixed lengths is mostly padding).
 """
 
 from __future__ import annotations
 
 import logging
 
-import torch
 from torch import nn
 from transformers import BertModel
 
 from ..config import SALConfig
 from ..conversion import register_handler
 from ..regions import SALLayout
-from .transformer_blocks import block_regions, embedding_region, loss_ignores_item_count
+from .transformer_blocks import (
+    block_regions,
+    embedding_region,
+    hand_padding_mask,
+    loss_ignores_item_count,
+)
 
 __all__ = ["BertHandler"]
 
@@ -60,33 +66,10 @@ class BertHandler:
         # Limitation: the pooler is taken to feed the classifier whenever the encoder has one;
         # a model that classifies the sequence output despite a pooler is not supported.
         head_input = bert.pooler if bert.pooler is not None else model.classifier
-        _hand_padding_mask_to_routers(model, bert)
+        hand_padding_mask(model, bert)
         loss_ignores_item_count(model)  # every supported BERT head has a plain mean loss
         logger.debug("BERT layout: %d regions.", len(regions))
         return SALLayout(regions, head_input, model.classifier, model.classifier.out_features)
-
-
-def _hand_padding_mask_to_routers(model: nn.Module, bert: BertModel) -> None:
-    """Hooks on the encoder that give every router its `attention_mask` for one forward pass.
-
-    The routers exist only once `convert_to_sal` has built the controller, so they are looked up
-    at call time. A mask that is not `[batch, seq]` (a custom 4-d mask) is not used.
-    """
-
-    def set_mask(mask: torch.Tensor | None) -> None:
-        controller = getattr(model, "sal_controller", None)
-        for router in controller.routers.values() if controller is not None else ():
-            router.sequence_mask = mask
-
-    def give(module, args, kwargs):
-        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-        set_mask(mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None)
-
-    def take_back(module, args, output):
-        set_mask(None)  # a later call without the encoder (a region alone) averages every token
-
-    bert.register_forward_pre_hook(give, with_kwargs=True)
-    bert.register_forward_hook(take_back)
 
 
 def _check_token_routing(bert: BertModel, sal_config: SALConfig) -> None:

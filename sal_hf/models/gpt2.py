@@ -29,6 +29,7 @@ from ..regions import SALLayout
 from .transformer_blocks import (
     block_regions,
     embedding_region,
+    hand_padding_mask,
     loss_ignores_item_count,
     norm_region,
 )
@@ -63,6 +64,7 @@ class GPT2Handler:
         head_output = model.lm_head if isinstance(model, GPT2LMHeadModel) else model.score
         if not isinstance(model, GPT2LMHeadModel):
             loss_ignores_item_count(model)
+        hand_padding_mask(model, transformer)  # sample routing averages real tokens only
         logger.debug("GPT-2 layout: %d regions.", len(regions))
         return SALLayout(regions, head_output, head_output, head_output.out_features)
 

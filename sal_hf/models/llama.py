@@ -24,7 +24,7 @@ from transformers import LlamaForCausalLM, LlamaForSequenceClassification
 from ..config import SALConfig
 from ..conversion import register_handler
 from ..regions import SALLayout
-from .transformer_blocks import block_regions, embedding_region, norm_region
+from .transformer_blocks import block_regions, embedding_region, hand_padding_mask, norm_region
 
 __all__ = ["LlamaHandler"]
 
@@ -55,6 +55,7 @@ class LlamaHandler:
         # LlamaForSequenceClassification scores every position and picks the last non-pad token
         # inside its forward: each block's feedback is non-zero at that token only.
         head_output = model.lm_head if isinstance(model, LlamaForCausalLM) else model.score
+        hand_padding_mask(model, decoder)  # sample routing averages real tokens only
         logger.debug("Llama layout: %d regions.", len(regions))
         return SALLayout(regions, head_output, head_output, head_output.out_features)
 

@@ -13,9 +13,11 @@ Every transformer family is converted the same way:
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Sequence
 
+import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -27,6 +29,7 @@ from ..regions import RegionSpec
 __all__ = [
     "block_regions",
     "embedding_region",
+    "hand_padding_mask",
     "loss_ignores_item_count",
     "norm_region",
     "replace_with_areas",
@@ -148,3 +151,38 @@ def loss_ignores_item_count(model: nn.Module) -> None:
     too. `accepts_loss_kwargs = False` makes the Trainer divide.
     """
     model.accepts_loss_kwargs = False
+
+
+def hand_padding_mask(model: nn.Module, encoder: nn.Module) -> None:
+    """Hooks on `encoder` (the module called with `attention_mask`) that hand its 2-d padding
+    mask to the model's SAL controller for one forward pass (`SALController.set_sequence_mask`).
+
+    The controller exists only once `convert_to_sal` has built it, so it is looked up at call
+    time. A mask that is not `[batch, seq]` (a custom 4-d mask) is not used. During cached
+    generation the mask also covers the cached tokens; its last columns, those of the tokens
+    the blocks see, are handed on.
+    """
+    signature = inspect.signature(encoder.forward)
+
+    def set_mask(mask: torch.Tensor | None) -> None:
+        controller = getattr(model, "sal_controller", None)
+        if controller is not None:
+            controller.set_sequence_mask(mask)
+
+    def give(module, args, kwargs):
+        arguments = signature.bind_partial(*args, **kwargs).arguments
+        mask = arguments.get("attention_mask")
+        tokens = arguments.get("input_ids")
+        if tokens is None:
+            tokens = arguments.get("inputs_embeds")
+        usable = isinstance(mask, torch.Tensor) and mask.dim() == 2 and tokens is not None
+        if usable and mask.shape[1] >= tokens.shape[1]:
+            set_mask(mask[:, mask.shape[1] - tokens.shape[1]:])
+        else:
+            set_mask(None)
+
+    def take_back(module, args, output):
+        set_mask(None)  # a later call without the encoder (a region alone) uses every token
+
+    encoder.register_forward_pre_hook(give, with_kwargs=True)
+    encoder.register_forward_hook(take_back)
