@@ -183,7 +183,12 @@ class Router(nn.Module):
             assignment_sum = _SumOverRanks.apply(assignment_sum)
             dist.all_reduce(count)
         mean_assignment = assignment_sum / count
-        balance_loss = (mean_assignment * (mean_assignment * self.num_areas).log()).sum()
+        # An area no sample leans to at all (softmax underflow, from a temperature of 0.01 on)
+        # has a share of exactly 0, whose term is 0; an unclamped log would make it 0 * -inf, a
+        # NaN loss whose NaN gradient the global gradient norm spreads to every parameter.
+        tiny = torch.finfo(mean_assignment.dtype).tiny
+        ratio = (mean_assignment * self.num_areas).clamp_min(tiny)
+        balance_loss = (mean_assignment * ratio.log()).sum()
         return self.prototype_loss_weight * prototype_loss + self.balance_loss_weight * balance_loss
 
     def _count(self, areas: torch.Tensor) -> None:

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from helpers import tiny_mlp
 
 from sal_hf import get_controller
+from sal_hf.routing import Router
 
 
 def numpy_routing(router, inputs: np.ndarray) -> np.ndarray:
@@ -130,3 +131,43 @@ def test_bp_method_backpropagates_through_every_layer():
     inputs = torch.randn(6, 5, requires_grad=True)
     model(pixel_values=inputs, labels=torch.zeros(6, dtype=torch.long)).loss.backward()
     assert inputs.grad is not None and inputs.grad.abs().sum() > 0
+
+
+def numpy_router_loss(similarity: np.ndarray, temperature: float, balance: float,
+                      prototype: float) -> float:
+    """Prototype term (1 - chosen cosine) plus the KL of the mean soft assignment from uniform;
+    an area with a share of exactly 0 contributes 0 (the limit of p log p)."""
+    chosen = similarity.max(axis=1)
+    scaled = similarity / temperature
+    soft = np.exp(scaled - scaled.max(axis=1, keepdims=True))
+    soft /= soft.sum(axis=1, keepdims=True)
+    share = soft.mean(axis=0)
+    kept = share > 0
+    kl = float(np.sum(share[kept] * np.log(share[kept] * len(share))))
+    return prototype * float(np.mean(1.0 - chosen)) + balance * kl
+
+
+def test_router_loss_equals_the_numpy_reference():
+    router = Router(5, 4, routing_dim=4, temperature=0.1, balance_loss_weight=1.0,
+                    prototype_loss_weight=0.1)
+    similarity = torch.rand(16, 4, dtype=torch.float64) * 2 - 1
+
+    loss = router._local_loss(similarity, similarity.argmax(dim=-1))
+
+    expected = numpy_router_loss(similarity.numpy(), 0.1, 1.0, 0.1)
+    assert abs(loss.item() - expected) < 1e-12
+
+
+def test_router_loss_stays_finite_when_an_area_gets_no_share_at_all():
+    # At temperature 0.01, exp(-200) underflows: area 1 gets a share of exactly 0. Its term
+    # must be 0, not 0 * log 0 = NaN, whose NaN gradient would reach every parameter through
+    # the global gradient norm.
+    router = Router(5, 4, routing_dim=4, temperature=0.01)
+    similarity = torch.tensor([[1.0, -1.0, 0.0, 0.0]] * 8, requires_grad=True)
+
+    loss = router._local_loss(similarity, similarity.argmax(dim=-1))
+    loss.backward()
+
+    expected = numpy_router_loss(similarity.detach().double().numpy(), 0.01, 1.0, 0.1)
+    assert abs(loss.item() - expected) < 1e-5
+    assert torch.isfinite(similarity.grad).all()
