@@ -127,6 +127,14 @@ class SALConfig:
         for name in ("router_temperature", "feedback_scale"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"SALConfig.{name} must be > 0, got {getattr(self, name)!r}.")
+        if self.router_temperature < _FLOAT32_TINY:
+            # The balance term divides cosines by it in float32: below float32's smallest
+            # normal number the quotient overflows, and the softmax gives NaN.
+            raise ValueError(
+                f"SALConfig.router_temperature must be at least {_FLOAT32_TINY!r} (float32's "
+                f"smallest normal number; routing computes in float32), got "
+                f"{self.router_temperature!r}."
+            )
         for name in ("balance_loss_weight", "prototype_loss_weight"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"SALConfig.{name} must be >= 0, got {getattr(self, name)!r}.")
@@ -200,6 +208,9 @@ class SALConfig:
                 f"Unknown SALConfig fields {unknown}; known fields are {sorted(known)}."
             )
         return cls(**values)
+
+
+_FLOAT32_TINY = 2.0**-126  # torch.finfo(torch.float32).tiny
 
 
 def _is_int(value: Any) -> bool:

@@ -107,3 +107,18 @@ def test_numpy_integers_are_accepted_and_stored_as_ints():
     assert SALConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
     with pytest.raises(ValueError, match="num_areas must be an integer >= 1"):
         SALConfig(num_areas=np.bool_(True))
+
+
+def test_a_router_temperature_below_float32s_range_is_rejected():
+    # Cosines divided by 1e-320 overflow in float32 and the balance softmax gives NaN.
+    with pytest.raises(ValueError, match=r"router_temperature must be at least 1\.17.*e-38"):
+        SALConfig(router_temperature=1e-320)
+    assert SALConfig(router_temperature=2.0**-126).router_temperature == 2.0**-126
+
+
+def test_the_float32_bound_is_torchs():
+    import torch
+
+    from sal_hf.config import _FLOAT32_TINY
+
+    assert _FLOAT32_TINY == torch.finfo(torch.float32).tiny
