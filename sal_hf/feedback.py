@@ -139,7 +139,8 @@ class DirectFeedback(nn.Module):
         """
         delta = self._region_delta(signal, region, areas, hidden_shape)
         if sequence_mask is not None and signal.dim() < len(hidden_shape):
-            keep = sequence_mask.to(device=delta.device, dtype=delta.dtype)
+            # Any nonzero entry is a real token, as for the model's attention (not a weight).
+            keep = (sequence_mask != 0).to(device=delta.device, dtype=delta.dtype)
             delta = delta * keep.reshape(keep.shape + (1,) * (len(hidden_shape) - keep.dim()))
         return delta
 
@@ -226,14 +227,14 @@ class FeedbackTap(torch.autograd.Function):
 class FeedbackInjector(torch.autograd.Function):
     """Identity on one region's output; in backward its gradient is `delta_l = e @ B_l`.
 
-    `apply(feedback, signal, region, areas, sequence_mask, hidden)`; `sequence_mask` (or None)
-    keeps a sample-level error off padding tokens. Each region computes its `delta` when autograd
+    `apply(feedback, signal, region, areas, hidden[, sequence_mask])`; `sequence_mask` keeps a
+    sample-level error off padding tokens. Each region computes its `delta` when autograd
     reaches it, so the deltas of all regions are never held at once: with streamed (recomputed)
     regions, the backward pass holds one region's activations and one `delta`.
     """
 
     @staticmethod
-    def forward(ctx, feedback, signal, region, areas, sequence_mask, hidden):  # noqa: D102
+    def forward(ctx, feedback, signal, region, areas, hidden, sequence_mask=None):  # noqa: D102
         ctx.feedback = feedback
         ctx.signal = signal
         ctx.region = region
@@ -253,4 +254,4 @@ class FeedbackInjector(torch.autograd.Function):
         delta = ctx.feedback.region_signal(
             ctx.signal.value, ctx.region, ctx.areas, shape, ctx.sequence_mask
         )
-        return None, None, None, None, None, delta.to(dtype)
+        return None, None, None, None, delta.to(dtype), None

@@ -285,7 +285,7 @@ class SALController(nn.Module):
                     )
                 mask = self._mask_for(hidden)
                 hidden = FeedbackInjector.apply(
-                    self.feedback, self._signal, index, areas, mask, hidden
+                    self.feedback, self._signal, index, areas, hidden, mask
                 )
                 self._hidden[index] = hidden
             if hidden is _first_tensor(output):

@@ -74,7 +74,8 @@ class Router(nn.Module):
 
     `sequence_mask` (`[batch, seq]`, nonzero for real tokens), when a model handler sets it
     before the forward pass, restricts that average to the real tokens, so that a sample's area
-    does not depend on how much padding its batch needed.
+    does not depend on how much padding its batch needed. Routed per token, padding tokens still
+    get an area but are left out of the centring mean, the usage counts and the local loss.
     """
 
     def __init__(
@@ -118,12 +119,15 @@ class Router(nn.Module):
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         inputs = inputs.detach()
+        real = None  # which routed rows are real tokens, when per-token rows include padding
         if not self.per_token and inputs.dim() == 3:
             inputs = self._sequence_mean(inputs)
+        elif inputs.dim() == 3:
+            real = self._real_tokens(inputs)
         flat = inputs.reshape(-1, inputs.shape[-1])
         projected = self.projection(flat.to(self.projection.weight.dtype)).float()
         if self.training and torch.is_grad_enabled():
-            self._update_running_mean(projected.detach())
+            self._update_running_mean(_rows(projected.detach(), real))
         # Limitation: evaluation centres with the mean kept from training batches. With a small
         # momentum and a body that moves fast (the 1B recipe: momentum 0, SGD 0.5) that mean is
         # one update behind the final weights, and evaluation routes less evenly than training
@@ -131,9 +135,11 @@ class Router(nn.Module):
         centred = F.normalize(projected - self.running_mean.float(), dim=-1)
         similarity = centred @ self.prototypes.float().T  # [tokens, num_areas], cosines
         areas = similarity.argmax(dim=-1)
-        self._count(areas)
+        # Padding tokens get an area (their rows go through the area layers like any row) but
+        # no say in the centring, the usage counts or the routers' loss.
+        self._count(_rows(areas, real))
         if self.training and torch.is_grad_enabled():
-            self.last_loss = self._local_loss(similarity, areas)
+            self.last_loss = self._local_loss(_rows(similarity, real), _rows(areas, real))
         self.last_areas = areas.reshape(inputs.shape[:-1])
         return self.last_areas
 
@@ -145,13 +151,28 @@ class Router(nn.Module):
         mask = self.sequence_mask
         if mask is None:
             return inputs.mean(dim=1)
+        self._check_mask(mask, inputs)
+        # Any nonzero entry is a real token, as for the model's attention (not a weight).
+        weights = (mask != 0).to(device=inputs.device, dtype=inputs.dtype).unsqueeze(-1)
+        return (inputs * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+
+    def _real_tokens(self, inputs: torch.Tensor) -> torch.Tensor | None:
+        """`[batch * seq]` booleans, True for real tokens, or None to count every token: no
+        mask, or a batch of padding only (whose every token then counts, as without a mask)."""
+        mask = self.sequence_mask
+        if mask is None:
+            return None
+        self._check_mask(mask, inputs)
+        real = (mask != 0).reshape(-1).to(inputs.device)
+        return real if bool(real.any()) else None
+
+    @staticmethod
+    def _check_mask(mask: torch.Tensor, inputs: torch.Tensor) -> None:
         if tuple(mask.shape) != tuple(inputs.shape[:2]):
             raise ValueError(
                 f"sequence_mask has shape {tuple(mask.shape)} but the routed input is "
                 f"{tuple(inputs.shape)}; the mask must be [batch, seq] of the same input."
             )
-        weights = mask.to(device=inputs.device, dtype=inputs.dtype).unsqueeze(-1)
-        return (inputs * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
 
     def _update_running_mean(self, projected: torch.Tensor) -> None:
         batch_sum = projected.sum(dim=0)
@@ -208,6 +229,11 @@ class Router(nn.Module):
     def extra_repr(self) -> str:
         level = "token" if self.per_token else "sample"
         return f"num_areas={self.num_areas}, routing_dim={self.routing_dim}, routing={level}"
+
+
+def _rows(tensor: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """The rows of `tensor` that `keep` selects, or all of them."""
+    return tensor if keep is None else tensor[keep]
 
 
 def max_entropy(num_areas: int) -> float:

@@ -59,8 +59,9 @@ def test_sample_routing_without_a_mask_averages_every_token():
     assert torch.equal(router(hidden), router(hidden.mean(dim=1)))
 
 
-def test_a_mask_of_another_shape_is_refused_with_both_shapes():
-    router = Router(WIDTH, AREAS, routing_dim=8)
+@pytest.mark.parametrize("per_token", [False, True])
+def test_a_mask_of_another_shape_is_refused_with_both_shapes(per_token):
+    router = Router(WIDTH, AREAS, routing_dim=8, per_token=per_token)
     hidden, mask = padded_inputs()
     router.sequence_mask = mask[:, :-1]
 
@@ -91,9 +92,10 @@ def tiny_classifier(arch: str) -> nn.Module:
     ))
 
 
-def tiny_sal_classifier(arch: str = "bert", method: str = "sal") -> nn.Module:
+def tiny_sal_classifier(arch: str = "bert", method: str = "sal", routing: str = "sample"
+                        ) -> nn.Module:
     """A converted classifier whose areas differ, so that the area changes the output."""
-    options = {"num_areas": AREAS, "routing_dim": 8} if method == "sal" else {}
+    options = {"num_areas": AREAS, "routing_dim": 8, "routing": routing} if method == "sal" else {}
     model = convert_to_sal(tiny_classifier(arch), SALConfig(method=method, **options))
     with torch.no_grad():
         for module in model.modules():
@@ -137,10 +139,11 @@ def test_routers_and_feedback_forget_the_mask_after_the_forward_pass(arch):
     assert all(router.sequence_mask is None for router in controller.routers.values())
 
 
-def sal_gradients(arch, method, input_ids, attention_mask) -> dict[str, torch.Tensor]:
+def sal_gradients(arch, method, input_ids, attention_mask, routing="sample"
+                  ) -> dict[str, torch.Tensor]:
     """Every parameter gradient of one training step of a freshly built (same seed) model."""
     torch.manual_seed(0)
-    model = tiny_sal_classifier(arch, method).train()
+    model = tiny_sal_classifier(arch, method, routing).train()
     output = model(input_ids=input_ids, attention_mask=attention_mask, labels=torch.tensor([1]))
     router_loss = get_controller(model).router_loss()
     (output.loss if router_loss is None else output.loss + router_loss).backward()
@@ -148,22 +151,50 @@ def sal_gradients(arch, method, input_ids, attention_mask) -> dict[str, torch.Te
 
 
 @pytest.mark.parametrize(
-    "arch, method", [("bert", "sal"), ("bert", "dfa"), ("gpt2_classifier", "sal"),
-                     ("llama_classifier", "sal")],
+    "arch, method, routing",
+    [("bert", "sal", "sample"), ("bert", "dfa", "sample"), ("gpt2_classifier", "sal", "sample"),
+     ("llama_classifier", "sal", "sample"),
+     # Per token, padding tokens get areas but no say in the centring, loss or counts.
+     ("bert", "sal", "token"), ("gpt2_classifier", "sal", "token")],
 )
-def test_a_padded_sample_gets_the_update_it_gets_alone(arch, method):
+def test_a_padded_sample_gets_the_update_it_gets_alone(arch, method, routing):
     torch.manual_seed(1)
     alone = torch.randint(1, VOCAB, (1, 5))
     padded = torch.cat([alone, torch.zeros(1, 7, dtype=torch.long)], dim=1)
     mask = (torch.arange(12) < 5).long().unsqueeze(0)
 
-    expected = sal_gradients(arch, method, alone, torch.ones_like(alone))
-    got = sal_gradients(arch, method, padded, mask)
+    expected = sal_gradients(arch, method, alone, torch.ones_like(alone), routing)
+    got = sal_gradients(arch, method, padded, mask, routing)
 
     assert set(got) == set(expected)
     assert any(re.search(r"\.0\.mlp|layer\.0\.output", name) for name in got)  # blocks learn
     for name, gradient in expected.items():
         torch.testing.assert_close(got[name], gradient, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_any_nonzero_mask_value_marks_a_real_token_and_weighs_nothing():
+    # Attention treats every nonzero entry alike; so must the routers' mean and the feedback.
+    torch.manual_seed(1)
+    tokens = torch.randint(1, VOCAB, (1, 12))
+    mask = (torch.arange(12) < 5).long().unsqueeze(0)
+
+    expected = sal_gradients("bert", "sal", tokens, mask)
+    for other in (2 * mask, 0.5 * mask.float(), mask.bool()):
+        got = sal_gradients("bert", "sal", tokens, other)
+        for name, gradient in expected.items():
+            torch.testing.assert_close(got[name], gradient, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_token_routing_counts_only_real_tokens():
+    router = Router(WIDTH, AREAS, routing_dim=8, per_token=True).train()
+    hidden, mask = padded_inputs()
+    router.sequence_mask = mask
+    areas = router(hidden)
+
+    assert areas.shape == mask.shape  # padding tokens are routed too
+    assert router.take_usage("train").sum().item() == sum(LENGTHS)
+    real_rows = router.projection(hidden[mask.bool()]).float()
+    torch.testing.assert_close(router.running_mean, real_rows.mean(dim=0).detach())
 
 
 def test_a_mask_that_does_not_fit_the_region_outputs_is_refused_with_both_shapes():

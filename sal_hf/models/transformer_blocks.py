@@ -162,6 +162,8 @@ def hand_padding_mask(model: nn.Module, encoder: nn.Module) -> None:
     generation the mask also covers the cached tokens; its last columns, those of the tokens
     the blocks see, are handed on.
     """
+    # Limitation: a 4-d mask is not read. `generate` with a static cache builds one before the
+    # decoder runs, so per-sample routing of a left-padded prompt then averages its padding.
     signature = inspect.signature(encoder.forward)
 
     def set_mask(mask: torch.Tensor | None) -> None:
