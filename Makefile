@@ -6,16 +6,20 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 ACCELERATE := $(VENV)/bin/accelerate
 OUT ?= outputs
 DEMO_EPOCHS ?= 15
+# Threads per training process; 1 on a machine shared with other work (see README).
+DEMO_THREADS ?= 2
 
 .PHONY: demo test lint bench bench-classifiers bench-transformers bench-minilm-sweep bench-depth \
 	bench-streamed bench-1b setup data clean
 
 ## demo: train SAL-16 and tuned BP on MNIST and print them side by side
 demo: setup
-	$(ACCELERATE) launch --config_file accelerate_configs/cpu.yaml recipes/train_classifier.py \
+	$(ACCELERATE) launch --config_file accelerate_configs/cpu.yaml \
+	    --num_cpu_threads_per_process $(DEMO_THREADS) recipes/train_classifier.py \
 	    --dataset mnist --method sal --num_areas 16 --num_train_epochs $(DEMO_EPOCHS) \
 	    --output_dir $(OUT)/demo/mnist-sal16
-	$(ACCELERATE) launch --config_file accelerate_configs/cpu.yaml recipes/train_classifier.py \
+	$(ACCELERATE) launch --config_file accelerate_configs/cpu.yaml \
+	    --num_cpu_threads_per_process $(DEMO_THREADS) recipes/train_classifier.py \
 	    --dataset mnist --method bp --num_train_epochs $(DEMO_EPOCHS) \
 	    --output_dir $(OUT)/demo/mnist-bp
 	$(PY) recipes/compare_runs.py $(OUT)/demo/mnist-sal16 $(OUT)/demo/mnist-bp \

@@ -160,13 +160,14 @@ def plot_learning_curves(
             metric_axis.plot(*zip(*metric, strict=True), marker="o", label=label)
     loss_axis.set(xlabel="epoch", ylabel="training loss", yscale="log", title="training loss")
     metric_axis.set(xlabel="epoch", ylabel=metric_key, title=metric_key)
-    for axis, what in ((loss_axis, "training loss"), (metric_axis, metric_key)):
+    empty = {loss_axis: "no training loss logged:\nfewer steps than --logging_steps?",
+             metric_axis: f"no {metric_key} logged:\nno evaluation during training?"}
+    for axis, message in empty.items():
         axis.grid(alpha=0.3)
         if axis.lines:
             axis.legend()
         else:  # e.g. a run shorter than its logging_steps
-            axis.text(0.5, 0.5, f"no {what} logged", ha="center", va="center",
-                      transform=axis.transAxes)
+            axis.text(0.5, 0.5, message, ha="center", va="center", transform=axis.transAxes)
     if title:
         figure.suptitle(title)
     figure.tight_layout()

@@ -189,6 +189,19 @@ def test_llama_is_built_from_its_config_and_converted():
     assert model.config.sal_architecture == "llama" and model.config.intermediate_size == 128
 
 
+@pytest.mark.parametrize(("method", "given", "areas"),
+                         [("sal", [], 4), ("sal", ["--num_areas", "8"], 8), ("bp", [], 1)])
+def test_causal_lm_sal_defaults_to_the_benchmarked_four_areas(method, given, areas):
+    recipe = load_recipe("train_causal_lm")
+    args, _ = recipe.parse_arguments(
+        ["--num_layers", "1", "--hidden_size", "16", "--num_heads", "2", "--method", method,
+         *given, "--output_dir", "unused"]
+    )
+    tokenizer = recipe.train_tokenizer("some text to learn from", "char", vocab_size=0)
+    model = recipe.build_model(args, tokenizer)
+    assert model.sal_controller.sal_config.num_areas == areas
+
+
 @pytest.mark.parametrize(
     ("recipe_name", "arguments", "message"),
     [
