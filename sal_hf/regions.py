@@ -109,8 +109,8 @@ class SALController(nn.Module):
         self._areas: dict[int, torch.Tensor] = {}
         self._signal = ErrorSignal()
         self._warned_eval_mode = False
-        # `[batch, seq]`, nonzero for real tokens, while a handler knows it (BERT): routers
-        # average only real tokens and a sample-level error reaches only real tokens.
+        # `[batch, seq]`, nonzero for real tokens, while a handler knows it (BERT, GPT-2, Llama):
+        # routers leave padding out and a sample-level error reaches only real tokens.
         self.sequence_mask: torch.Tensor | None = None
         self._install_hooks()
 

@@ -158,13 +158,15 @@ class Router(nn.Module):
 
     def _real_tokens(self, inputs: torch.Tensor) -> torch.Tensor | None:
         """`[batch * seq]` booleans, True for real tokens, or None to count every token: no
-        mask, or a batch of padding only (whose every token then counts, as without a mask)."""
+        mask, no padding, or a batch of padding only (whose every token then counts, as without
+        a mask)."""
         mask = self.sequence_mask
         if mask is None:
             return None
         self._check_mask(mask, inputs)
         real = (mask != 0).reshape(-1).to(inputs.device)
-        return real if bool(real.any()) else None
+        kept = int(real.sum())
+        return real if 0 < kept < real.numel() else None
 
     @staticmethod
     def _check_mask(mask: torch.Tensor, inputs: torch.Tensor) -> None:
