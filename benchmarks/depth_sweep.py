@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 import torch
-from results_doc import replace_section  # benchmarks/ is on the path when run as a script
+from results_doc import git_commit, replace_section  # benchmarks/ is on the path as a script
 from safetensors.torch import load_file
 
 from sal_hf.reporting import run_label, write_results
@@ -153,8 +153,9 @@ def markdown_table(runs: list[dict], tries: list[dict] | None = None) -> str:
               f"epochs per depth: {budget}. Loss logged every 10 steps with "
               "the Trainer's NaN/inf filter off; each logged loss is a mean over the steps "
               "since the last log, so it is finite only if all of them were. One thread per "
-              "run; the runs shared the 2 cores with up to four other jobs, so step times "
-              "and train times are indicative only (the 6-epoch try ran beside the sweep)."]
+              "run; the runs shared the 2 cores with other jobs, so step times and train "
+              "times are indicative only. Tries ran at other times; their commands (and, "
+              "when recorded, commits) are in the results file."]
     every = [*runs, *(tries or [])]
     verdicts = [_target_line([r]) for r in every]
     verdicts = [v for v in verdicts if v]
@@ -216,10 +217,14 @@ def record(options: argparse.Namespace, argv: list[str], runs: list[dict], secon
     """Write the sweep (or add the tries) to the results file, the plot and the doc section."""
     command = ("python benchmarks/depth_sweep.py " + " ".join(argv)).strip()
     if is_sweep(options):
+        # A new sweep keeps the tries recorded beside an earlier one, each with its command
+        # (and, since it was recorded, its commit): they are results too.
+        earlier = json.loads(RESULTS_FILE.read_text()) if RESULTS_FILE.exists() else {}
         document = {
-            "benchmark": "depth_sweep", "command": command,
+            "benchmark": "depth_sweep", "command": command, "git_commit": git_commit(),
             "date": datetime.date.today().isoformat(), "epochs_per_depth": BUDGET,
-            "sweep_wall_time_s": round(seconds), "runs": runs, "tries": [],
+            "sweep_wall_time_s": round(seconds), "runs": runs,
+            "tries": earlier.get("tries", []),
             "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
         }
     else:
@@ -229,6 +234,7 @@ def record(options: argparse.Namespace, argv: list[str], runs: list[dict], secon
         document = json.loads(RESULTS_FILE.read_text())
         for run in runs:
             run["try_command"] = command
+            run["try_git_commit"] = git_commit()
         document.setdefault("tries", []).extend(runs)
     write_results(RESULTS_FILE, document)
     render(document)
