@@ -42,7 +42,12 @@ from sal_hf.reporting import (
     quiet_deprecated_collectives,
     write_results,
 )
-from sal_hf.trainer import SALTrainer, SALTrainingArguments, area_learning_rate_scale
+from sal_hf.trainer import (
+    SALTrainer,
+    SALTrainingArguments,
+    area_learning_rate_scale,
+    option_given,
+)
 
 logger = logging.getLogger("finetune_text_classifier")
 
@@ -111,17 +116,10 @@ class TextClassifierArguments:
     )
 
 
-def _given(argv: list[str], name: str) -> bool:
-    """Whether the command line sets the option `--name` (either spelling, `=` or not)."""
-    spellings = (f"--{name}", f"--{name.replace('_', '-')}")
-    return any(arg in spellings or arg.startswith(tuple(f"{s}=" for s in spellings))
-               for arg in argv)
-
-
 def parse_arguments(argv: list[str] | None = None):
     argv = sys.argv[1:] if argv is None else argv
     parser = HfArgumentParser((TextClassifierArguments, SALTrainingArguments))
-    # No abbreviated options: `--learning_r 5e-5` would set a rate `_given` does not see, and
+    # No abbreviated options: `--learning_r 5e-5` would set a rate `option_given` does not see, and
     # the method's default would replace it.
     parser.allow_abbrev = False
     parser.set_defaults(**TUNED_DEFAULTS)
@@ -132,7 +130,7 @@ def parse_arguments(argv: list[str] | None = None):
         except re.error as error:
             parser.error(f"--freeze {args.freeze!r} is not a regular expression: {error}.")
     for name, value in METHOD_DEFAULTS.get(args.method, {}).items():
-        if not _given(argv, name):
+        if not option_given(argv, name):
             setattr(training_args, name, value)
     if args.split_seed is None:
         args.split_seed = training_args.seed

@@ -29,7 +29,7 @@ from sal_hf.reporting import (
     quiet_deprecated_collectives,
     write_results,
 )
-from sal_hf.trainer import SALTrainer, SALTrainingArguments
+from sal_hf.trainer import SALTrainer, SALTrainingArguments, option_given
 
 logger = logging.getLogger("train_classifier")
 
@@ -101,7 +101,7 @@ def parse_arguments(argv: list[str] | None = None):
     parser.set_defaults(**TUNED_DEFAULTS)
     args, training_args = parser.parse_args_into_dataclasses(argv)
     argv = sys.argv[1:] if argv is None else argv
-    if not any(a.split("=")[0] in ("--learning_rate", "--learning-rate") for a in argv):
+    if not option_given(argv, "learning_rate"):
         training_args.learning_rate = METHOD_LEARNING_RATES.get(args.method, 1e-3)
     if args.shared_path is None:
         args.shared_path = args.method == "sal"

@@ -59,7 +59,6 @@ fraction of tokens per area; step times, and peak memory per process.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import statistics
 import sys
@@ -89,6 +88,7 @@ from sal_hf.reporting import (
     usage_entropy_ratio,
     write_results,
 )
+from sal_hf.routing import max_entropy
 from sal_hf.trainer import SALTrainer, SALTrainingArguments
 
 logger = logging.getLogger("train_llama_1b")
@@ -312,7 +312,7 @@ def held_parameters(trainer: SALTrainer) -> int:
 def entropy_ratios(entry: dict, num_areas: int, prefix: str = "") -> dict[str, float]:
     """Per SAL layer, the logged usage entropy over log(num_areas): 1 is uniform usage."""
     key = f"{prefix}area_entropy/"
-    return {name[len(key):]: round(value / math.log(num_areas), 4)
+    return {name[len(key):]: round(value / max_entropy(num_areas), 4)
             for name, value in entry.items() if name.startswith(key)}
 
 

@@ -28,7 +28,7 @@ from torch import nn
 from .areas import AreaLinear, AreaSort
 from .config import SALConfig
 from .feedback import DirectFeedback, ErrorSignal, FeedbackInjector, FeedbackTap
-from .routing import Router
+from .routing import Router, check_sequence_mask
 
 __all__ = ["RegionSpec", "SALLayout", "SALController", "get_controller"]
 
@@ -298,11 +298,7 @@ class SALController(nn.Module):
         mask = self.sequence_mask
         if mask is None or hidden.dim() < 3:
             return None
-        if tuple(mask.shape) != tuple(hidden.shape[:2]):
-            raise ValueError(
-                f"sequence_mask has shape {tuple(mask.shape)} but a region output is "
-                f"{tuple(hidden.shape)}; the mask must be [batch, seq] of the same input."
-            )
+        check_sequence_mask(mask, hidden, "a region output")
         return mask
 
     def _head_pre_hook(self, module, args, kwargs):

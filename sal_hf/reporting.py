@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import resource
 import threading
@@ -15,7 +14,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from .routing import usage_entropy
+from .routing import max_entropy, usage_entropy
 
 __all__ = [
     "PeakMemory",
@@ -192,7 +191,7 @@ def run_label(results: dict) -> str:
 
 def usage_entropy_ratio(fractions: list[float]) -> float:
     """The entropy of a layer's area usage over log(number of areas): 1 is uniform usage."""
-    return usage_entropy(torch.tensor(fractions)) / math.log(len(fractions))
+    return usage_entropy(torch.tensor(fractions)) / max_entropy(len(fractions))
 
 
 def usage_summary(results: dict) -> str:

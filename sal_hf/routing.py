@@ -151,7 +151,7 @@ class Router(nn.Module):
         mask = self.sequence_mask
         if mask is None:
             return inputs.mean(dim=1)
-        self._check_mask(mask, inputs)
+        check_sequence_mask(mask, inputs, "the routed input")
         # Any nonzero entry is a real token, as for the model's attention (not a weight).
         weights = (mask != 0).to(device=inputs.device, dtype=inputs.dtype).unsqueeze(-1)
         return (inputs * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
@@ -163,18 +163,10 @@ class Router(nn.Module):
         mask = self.sequence_mask
         if mask is None:
             return None
-        self._check_mask(mask, inputs)
+        check_sequence_mask(mask, inputs, "the routed input")
         real = (mask != 0).reshape(-1).to(inputs.device)
         kept = int(real.sum())
         return real if 0 < kept < real.numel() else None
-
-    @staticmethod
-    def _check_mask(mask: torch.Tensor, inputs: torch.Tensor) -> None:
-        if tuple(mask.shape) != tuple(inputs.shape[:2]):
-            raise ValueError(
-                f"sequence_mask has shape {tuple(mask.shape)} but the routed input is "
-                f"{tuple(inputs.shape)}; the mask must be [batch, seq] of the same input."
-            )
 
     def _update_running_mean(self, projected: torch.Tensor) -> None:
         batch_sum = projected.sum(dim=0)
@@ -231,6 +223,15 @@ class Router(nn.Module):
     def extra_repr(self) -> str:
         level = "token" if self.per_token else "sample"
         return f"num_areas={self.num_areas}, routing_dim={self.routing_dim}, routing={level}"
+
+
+def check_sequence_mask(mask: torch.Tensor, tensor: torch.Tensor, what: str) -> None:
+    """Refuse a padding mask that is not `[batch, seq]` of `tensor` (`[batch, seq, width]`)."""
+    if tuple(mask.shape) != tuple(tensor.shape[:2]):
+        raise ValueError(
+            f"sequence_mask has shape {tuple(mask.shape)} but {what} is "
+            f"{tuple(tensor.shape)}; the mask must be [batch, seq] of the same input."
+        )
 
 
 def _rows(tensor: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:

@@ -29,7 +29,7 @@ from .routing import usage_entropy
 
 __all__ = [
     "SALTrainer", "SALTrainingArguments", "accuracy_metrics", "area_learning_rate_scale",
-    "argmax_logits",
+    "argmax_logits", "option_given",
 ]
 
 logger = logging.getLogger(__name__)
@@ -82,6 +82,15 @@ class SALTrainingArguments(TrainingArguments):
             raise ValueError(
                 f"head_learning_rate_scale must be > 0, got {self.head_learning_rate_scale!r}."
             )
+
+
+def option_given(argv: list[str], name: str) -> bool:
+    """Whether the command line `argv` sets the option `--name` (either spelling, `=` or not):
+    how a recipe tells a value the user chose from the parser's default, to put its own tuned
+    default in its place. Parse with `allow_abbrev = False`, or an abbreviation escapes this."""
+    spellings = (f"--{name}", f"--{name.replace('_', '-')}")
+    return any(arg in spellings or arg.startswith(tuple(f"{s}=" for s in spellings))
+               for arg in argv)
 
 
 def area_learning_rate_scale(args: SALTrainingArguments, num_areas: int) -> float | None:

@@ -28,5 +28,8 @@ for m in ("sal", "bp"):
     p = logits.softmax(-1); pred = p.argmax(-1); wrong = pred != y
     nll = torch.nn.functional.cross_entropy(logits, y, reduction="none")
     conf = p.max(-1).values
-    print(m, f"acc {1-wrong.float().mean():.4f} loss {nll.mean():.3f} loss(right) {nll[~wrong].mean():.4f} loss(wrong) {nll[wrong].mean():.2f} share of loss from wrong {nll[wrong].sum()/nll.sum():.2f}",
-          f"logit std {logits.std(-1).mean():.1f} conf(wrong) {conf[wrong].mean():.3f} conf(right) {conf[~wrong].mean():.4f}")
+    print(m, f"acc {1-wrong.float().mean():.4f} loss {nll.mean():.3f}",
+          f"loss(right) {nll[~wrong].mean():.4f} loss(wrong) {nll[wrong].mean():.2f}",
+          f"share of loss from wrong {nll[wrong].sum()/nll.sum():.2f}",
+          f"logit std {logits.std(-1).mean():.1f} conf(wrong) {conf[wrong].mean():.3f}",
+          f"conf(right) {conf[~wrong].mean():.4f}")

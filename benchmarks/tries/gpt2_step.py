@@ -2,7 +2,7 @@
 one batch of 8 x 128 tokens, a training step (forward, the router loss, one backward, fused AdamW)
 and interleaved timing. One thread; seeded, so every try sees the same batch and weights."""
 # ruff: noqa
-import time, torch
+import statistics, time, torch
 from transformers import GPT2Config, GPT2LMHeadModel
 from sal_hf import convert_to_sal
 torch.set_num_threads(1)
@@ -37,3 +37,38 @@ def interleaved_medians(variants, rounds, warmup):
             step(model, optimizer)
             times[name].append(time.perf_counter() - started)
     return {name: sorted(t[warmup:])[len(t[warmup:]) // 2] for name, t in times.items()}
+
+
+def phase_medians(variants, rounds, batch=tokens, warmup=3):
+    """Median seconds of each variant's forward (with the router loss), backward and
+    optimizer step (with zero_grad), their steps taken in turn on `batch`, `warmup` rounds
+    left out."""
+    built = {name: build(config) for name, config in variants.items()}
+    times = {name: {"forward": [], "backward": [], "optimizer": []} for name in built}
+    for index in range(rounds):
+        for name, (model, optimizer) in built.items():
+            t0 = time.perf_counter()
+            loss = model(input_ids=batch, labels=batch).loss
+            router_loss = model.sal_controller.router_loss()
+            if router_loss is not None:
+                loss = loss + router_loss
+            t1 = time.perf_counter()
+            loss.backward()
+            t2 = time.perf_counter()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            t3 = time.perf_counter()
+            if index >= warmup:
+                for phase, seconds in zip(times[name], (t1 - t0, t2 - t1, t3 - t2)):
+                    times[name][phase].append(seconds)
+    return {name: {phase: statistics.median(t) for phase, t in phases.items()}
+            for name, phases in times.items()}
+
+
+def print_phases(medians):
+    """One line per variant: each phase in ms, the step, and BP's step over it."""
+    bp_total = sum(medians["bp"].values())
+    for name, phases in medians.items():
+        total = sum(phases.values())
+        print(name, {phase: round(seconds * 1000, 1) for phase, seconds in phases.items()},
+              "total ms", round(total * 1000, 1), "BP/this", round(bp_total / total, 3))

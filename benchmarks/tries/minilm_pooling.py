@@ -22,8 +22,10 @@ class MeanPooledBert(BertForSequenceClassification):
         super().__init__(config)
         self.bert.pooler = None
 
-    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None, **kwargs):
-        hidden = self.bert(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).last_hidden_state
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None,
+                **kwargs):
+        hidden = self.bert(input_ids, attention_mask=attention_mask,
+                           token_type_ids=token_type_ids).last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
         logits = self.classifier(self.dropout(pooled))
@@ -40,8 +42,9 @@ class Auto:
 recipe.AutoModelForSequenceClassification = Auto
 method, seed, out, *rest = sys.argv[1:]
 torch.set_num_threads(1)
-results = recipe.main(["--method", method, "--seed", seed, "--split_seed", "0", "--output_dir", out,
-                       "--max_steps", "150", "--per_device_train_batch_size", "16", "--max_length", "64",
+results = recipe.main(["--method", method, "--seed", seed, "--split_seed", "0",
+                       "--output_dir", out, "--max_steps", "150",
+                       "--per_device_train_batch_size", "16", "--max_length", "64",
                        "--eval_strategy=steps", "--eval_steps=150", "--save_strategy=no",
                        "--evaluate_test", "false", "--disable_tqdm", "true", *rest])
 print("RESULT", method, seed, rest, results["best_validation_accuracy"])
